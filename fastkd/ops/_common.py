@@ -1,0 +1,29 @@
+"""Argument checks shared by the ops: errors name the argument and what it received."""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def check_tensor(name: str, t, op: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor, op: str) -> None:
+    check_tensor(name, t, op)
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got dtype {t.dtype}")
+
+
+def check_reduction(reduction, op: str, allowed=("none", "mean", "sum")) -> int:
+    if reduction not in allowed:
+        raise ValueError(f"{op}: reduction must be one of {allowed}, got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for reduced precision, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily, and only where triton is importable."""
