@@ -1,24 +1,14 @@
-// Operator schemas of the fastkd namespace and the Python module fastkd._C.
-// Kernels live in cpu/ and cuda/; fake (meta) and autograd registrations are in
-// fastkd/ops (Python), so torch.compile and torch.library.opcheck see every op.
+// The Python module fastkd._C.
+//
+// Each op lives in its own files: its schema and CPU kernel in cpu/<op>.cpp
+// (TORCH_LIBRARY_FRAGMENT(fastkd, m) + TORCH_LIBRARY_IMPL(fastkd, CPU, m)), its CUDA kernel
+// in cuda/<op>.cu (TORCH_LIBRARY_IMPL(fastkd, CUDA, m)). Fake (meta) and autograd
+// registrations are in fastkd/ops (Python), so torch.compile and torch.library.opcheck
+// see every op.
 #include "fastkd.h"
 
 #ifndef FASTKD_TORCH_VERSION
 #define FASTKD_TORCH_VERSION "unknown"
-#endif
-
-TORCH_LIBRARY(fastkd, m) {
-  m.def("tv_loss_fwd(Tensor x, int p, bool diagonal, int reduction, bool need_grad) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("tv_loss_fwd", &fastkd::tv_loss_fwd_cpu);
-}
-
-#ifdef FASTKD_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
-  m.impl("tv_loss_fwd", &fastkd::tv_loss_fwd_cuda);
-}
 #endif
 
 static pybind11::dict build_info() {

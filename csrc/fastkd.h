@@ -13,10 +13,8 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 // of each sample's own value) when need_grad, else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cpu(const at::Tensor& x, int64_t p, bool diagonal,
                                                    int64_t reduction, bool need_grad);
-#ifdef FASTKD_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cuda(const at::Tensor& x, int64_t p, bool diagonal,
                                                     int64_t reduction, bool need_grad);
-#endif
 
 // Number of difference terms of one (H, W) plane.
 inline int64_t tv_terms_per_plane(int64_t H, int64_t W, bool diagonal) {

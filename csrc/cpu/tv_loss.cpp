@@ -181,3 +181,11 @@ std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cpu(const at::Tensor& x_in, int64
 }
 
 }  // namespace fastkd
+
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  m.def("tv_loss_fwd(Tensor x, int p, bool diagonal, int reduction, bool need_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("tv_loss_fwd", &fastkd::tv_loss_fwd_cpu);
+}

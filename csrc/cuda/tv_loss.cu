@@ -144,3 +144,7 @@ std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cuda(const at::Tensor& x_in, int6
 }
 
 }  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("tv_loss_fwd", &fastkd::tv_loss_fwd_cuda);
+}

@@ -1,0 +1,1 @@
+"""Distillation methods (CAKE/LAKE, MEKD, TA-DFKD), one module each."""
