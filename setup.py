@@ -21,10 +21,34 @@ def _flag(name):
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _locate_cuda_home():
+    """Set CUDA_HOME when it is unset and nvcc on PATH is a wrapper outside the toolkit.
+
+    torch guesses the toolkit root as nvcc's grandparent folder; when nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc) that root has no CUDA headers or libraries.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    def is_root(d):
+        return os.path.isfile(os.path.join(d, "include", "cuda_runtime.h"))
+
+    nvcc = shutil.which("nvcc")
+    if nvcc and is_root(os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
+        return
+    for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if is_root(cand):
+            os.environ["CUDA_HOME"] = cand
+            print(f"fastkd: using CUDA_HOME={cand}")
+            return
+
+
 def _extensions():
     if _flag("FASTKD_SKIP_EXT"):
         print("fastkd: FASTKD_SKIP_EXT=1, installing without the compiled extension")
         return [], {}
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension

@@ -29,9 +29,14 @@ def register(op: str, cases_fn: Callable) -> None:
     _REGISTRY[op] = cases_fn
 
 
+_DISCOVERED = False
+
+
 def _discover() -> None:
-    if _REGISTRY:
+    global _DISCOVERED
+    if _DISCOVERED:
         return
+    _DISCOVERED = True
     import pkgutil
 
     import fastkd.bench as pkg
@@ -115,6 +120,13 @@ def hbm_gbps(device: str) -> float | None:
     return None
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -183,6 +195,10 @@ def run(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
     results: list[Result] = []
     log(f"fastkd bench on {device_name(device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads" + (f", HBM bound {bound:.0f} GB/s" if bound else ""))
+    load = _load_average()
+    if device == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes compete "
+            "for the CPU and CPU timings will be noisy")
     for op in ops:
         cases = _load_cases(op, device, quick)
         for ci, case in enumerate(cases):
@@ -245,7 +261,8 @@ def _write(results: list[Result], device: str, out_dir, csv_path, plot_path, log
         log(f"wrote {csv_path}")
     if json_path:
         meta = {"device": device_name(device), "torch": torch.__version__, "python": sys.version.split()[0],
-                "threads": torch.get_num_threads(), "argv": sys.argv, "hbm_gbps": hbm_gbps(device)}
+                "threads": torch.get_num_threads(), "argv": sys.argv, "hbm_gbps": hbm_gbps(device),
+                "load_average_1min": _load_average()}
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
         log(f"wrote {json_path}")
