@@ -5,6 +5,8 @@
 // in cuda/<op>.cu (TORCH_LIBRARY_IMPL(fastkd, CUDA, m)). Fake (meta) and autograd
 // registrations are in fastkd/ops (Python), so torch.compile and torch.library.opcheck
 // see every op.
+#include <torch/extension.h>
+
 #include "fastkd.h"
 
 #ifndef FASTKD_TORCH_VERSION

@@ -1,5 +1,8 @@
 #pragma once
-#include <torch/extension.h>
+// Kept light (ATen + torch/library.h, no Python or C++-frontend headers) so that kernels,
+// CUDA ones in particular, compile quickly.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <tuple>
