@@ -2,3 +2,6 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .cake import CAKELoss, CrossClassContrastiveLoss  # noqa: E402
+
+__all__ += ["CAKELoss", "CrossClassContrastiveLoss"]
