@@ -2,3 +2,6 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .image_matching import ImageMatchingLoss  # noqa: E402
+
+__all__ += ["ImageMatchingLoss"]

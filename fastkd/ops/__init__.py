@@ -2,3 +2,9 @@
 from .tv import tv_loss, tv_loss_and_grad, tv_loss_reference, tv_num_terms
 
 __all__ = ["tv_loss", "tv_loss_and_grad", "tv_loss_reference", "tv_num_terms"]
+from .image_distance import image_distance, image_distance_reference  # noqa: E402
+from .ot import (linear_assignment, pairwise_sqdist, pairwise_sqdist_reference,  # noqa: E402
+                 sliced_directions, wasserstein)
+
+__all__ += ["image_distance", "image_distance_reference", "pairwise_sqdist", "pairwise_sqdist_reference",
+            "wasserstein", "sliced_directions", "linear_assignment"]
