@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ot import (_fix_cancelled, _make_project_backward, _project_setup, _sqdist_backward,
-                  _sqdist_setup, _tau)
+from ..ot import _fix_cancelled, _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup
 
 
 @triton.jit
@@ -93,7 +92,7 @@ def _dir_keys(seed, l):
     return _hash32(s ^ ((l.to(tl.uint64) * 0x9E3779B9) & 0xFFFFFFFF))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L,
                     BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -118,7 +117,7 @@ def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L,
         tl.store(sq_ptr + rl, sq, mask=rl < L)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _backproject_kernel(g_ptr, inv_ptr, out_ptr, seed, N, D, L,
                         BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
