@@ -5,3 +5,6 @@ __all__ = ["TVLoss"]
 from .cake import CAKELoss, CrossClassContrastiveLoss  # noqa: E402
 
 __all__ += ["CAKELoss", "CrossClassContrastiveLoss"]
+from .image_matching import ImageMatchingLoss  # noqa: E402
+
+__all__ += ["ImageMatchingLoss"]
