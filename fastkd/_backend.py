@@ -44,6 +44,15 @@ _C = None
 _C_REASON = ""
 _C_INFO: dict = {}
 
+# The C++ operators this version of the Python package calls. An extension lacking any of
+# them is out of date (built from older sources) and is not used at all.
+EXPECTED_OPS = (
+    "tv_loss_fwd",
+    "cross_class_contrastive_fwd", "langevin_step_", "philox_normal",
+    "image_distance_fwd", "pairwise_sqdist_fwd", "sliced_project", "sliced_backproject",
+    "linear_assignment", "sinkhorn_log",
+)
+
 
 def _load_extension() -> None:
     global _C, _C_REASON, _C_INFO
@@ -69,6 +78,11 @@ def _load_extension() -> None:
     if built != torch.__version__:
         _C_REASON = (f"fastkd._C was built for torch {built} but torch {torch.__version__} is "
                      "running; rebuild with `pip install --no-build-isolation .`")
+        return
+    missing = [op for op in EXPECTED_OPS if not hasattr(torch.ops.fastkd, op)]
+    if missing:
+        _C_REASON = (f"fastkd._C is out of date (it lacks {', '.join(missing)}); rebuild with "
+                     "`pip install --no-build-isolation .`")
         return
     _C, _C_INFO = ext, info
 

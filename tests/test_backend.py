@@ -72,3 +72,27 @@ def test_extension_built_for_this_torch():
     if not B.has_extension():
         pytest.skip(B.backend_status("cpp").reason)
     assert B.extension_info()["torch_version"] == torch.__version__
+
+
+def test_extension_for_another_torch_is_refused_with_reason():
+    """A _C built against another torch must not be used; backends() says why."""
+    code = ("import sys, types, torch\n"
+            "fake = types.ModuleType('fastkd._C')\n"
+            "fake.build_info = lambda: {'torch_version': '0.0.1', 'with_cuda': False, 'openmp': True}\n"
+            "sys.modules['fastkd._C'] = fake\n"
+            "import fastkd\n"
+            "st = fastkd.backends()['cpp']\n"
+            "assert not st.available and 'built for torch 0.0.1' in st.reason, st\n"
+            "x = torch.randn(1, 2, 4, 4, requires_grad=True)\n"
+            "fastkd.ops.tv_loss(x).backward()\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_every_expected_op_is_registered():
+    if not B.has_extension():
+        pytest.skip(B.backend_status("cpp").reason)
+    for op in B.EXPECTED_OPS:
+        assert hasattr(torch.ops.fastkd, op), op
