@@ -96,3 +96,15 @@ def test_every_expected_op_is_registered():
         pytest.skip(B.backend_status("cpp").reason)
     for op in B.EXPECTED_OPS:
         assert hasattr(torch.ops.fastkd, op), op
+
+
+def test_expected_ops_match_the_schemas_in_csrc():
+    import glob
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    defs = set()
+    for path in glob.glob(os.path.join(root, "csrc", "**", "*.cpp"), recursive=True):
+        defs |= set(re.findall(r'm\.def\(\s*"([A-Za-z0-9_]+)\(', open(path).read()))
+    assert defs, "no schemas found under csrc/"
+    assert defs == set(B.EXPECTED_OPS)
