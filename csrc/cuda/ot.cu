@@ -139,8 +139,7 @@ at::Tensor pairwise_sqdist_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_
   const auto ct = compute_type(a_in);
   const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
   const int64_t N = a.size(0), M = b.size(0), D = a.size(1);
-  const at::Tensor mu = ((a.sum(0, false, at::kDouble) + b.sum(0, false, at::kDouble)) /
-                         static_cast<double>(N + M)).to(ct);
+  const at::Tensor mu = (a.sum(0) + b.sum(0)) / static_cast<double>(std::max<int64_t>(1, N + M));
   const at::Tensor ac = a - mu, bc = b - mu;
   const at::Tensor na = at::linalg_vector_norm(ac, 2, {1}, false, at::kDouble).square();
   const at::Tensor nb = at::linalg_vector_norm(bc, 2, {1}, false, at::kDouble).square();

@@ -50,7 +50,7 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b2 = b.to(ct).contiguous()
     N, D = a2.shape
     M = b2.shape[0]
-    mu = ((a2.sum(0, dtype=torch.float64) + b2.sum(0, dtype=torch.float64)) / (N + M)).to(ct)
+    mu = (a2.sum(0) + b2.sum(0)) / (N + M)
     d = torch.empty((N, M), dtype=ct, device=a.device)
     s = torch.empty((N, M), dtype=ct, device=a.device)
     BM, BN, BK = 32, 32, 32
