@@ -2,3 +2,5 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .kd import KDLoss, kd_loss, soft_cross_entropy  # noqa: E402
+__all__ += ["KDLoss", "kd_loss", "soft_cross_entropy"]
