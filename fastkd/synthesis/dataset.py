@@ -73,7 +73,7 @@ class SyntheticDataset(Dataset):
     def load(cls, path: str) -> "SyntheticDataset":
         """Read a file written by :meth:`save`, or a synthesis ``out_dir`` (its shards)."""
         if os.path.isdir(path):
-            from .cake import load_shards
+            from .cake_synthesis import load_shards
 
             return load_shards(path)
         if not os.path.exists(path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._progress import Progress
-from .cake import _batch_seed, _draw_prior, class_prior_labels, step_sizes
+from .cake_synthesis import _batch_seed, _draw_prior, class_prior_labels, step_sizes
 from .dataset import SyntheticDataset
 
 __all__ = ["authors_loss", "authors_step", "authors_loop"]

@@ -132,7 +132,7 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
             t = v.detach().cpu().contiguous()
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -263,6 +263,8 @@ def _prepare_out_dir(out_dir: str, manifest: dict, rank: int) -> set[int]:
         if old.get("key") != manifest["key"]:
             diff = sorted(k for k in set(old.get("config", {})) | set(manifest["config"])
                           if old.get("config", {}).get(k) != manifest["config"].get(k))
+            if old.get("teacher") != manifest["teacher"]:
+                diff.append("teacher (another model or other weights)")
             raise ShardMismatchError(
                 f"cake: out_dir {out_dir!r} holds {len(existing)} shard(s) of another run (it differs in: "
                 f"{', '.join(diff) or 'format'}); nothing was overwritten. Use another out_dir, or delete "
