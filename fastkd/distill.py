@@ -336,9 +336,9 @@ def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) ->
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, epochs: int = 40,
+def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 8, epochs: int = 40,
                   batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4,
-                  augment: bool = True, seed: int = 0, device=None, progress: bool = True,
+                  augment: bool = False, seed: int = 0, device=None, progress: bool = True,
                   log: Callable[[str], None] | None = None):
     """Train a teacher with real labels; the recipe of the digits default.
 
@@ -363,7 +363,7 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, 
         data = _data.digits(size)
     x_tr, y_tr, x_te, y_te = data
     if model is None:
-        model = models.create("cnn", num_classes=int(y_tr.max()) + 1, in_channels=x_tr.shape[1])
+        model = models.create("cnn", num_classes=int(y_tr.max()) + 1, in_channels=x_tr.shape[1], input_size=x_tr.shape[-1])
     dev = _device_of(model, device)
     model.to(dev)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
