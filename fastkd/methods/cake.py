@@ -17,8 +17,8 @@ import torch
 METHODS = ["cake", "lake"]
 
 #: The bundled default (``fastkd demo``): sized to finish within 5 minutes on a 2-core CPU.
-DEMO = dict(size=8, num_samples=2000, batch_size=100, steps=100, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-1, 1e-5),
-            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=256, student_lr=0.5)
+DEMO = dict(size=8, num_samples=3200, batch_size=100, steps=100, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-2, 1e-5),
+            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=64, student_lr=0.1)
 
 
 def _log(msg: str) -> None:
