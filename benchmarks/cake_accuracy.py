@@ -54,14 +54,21 @@ def main() -> None:
         return models.create(DEMO["student"], num_classes=10, in_channels=1, **student_kwargs(DEMO["student"], shape))
 
     rows = []
+
+    def dump():  # written after every run, so an interrupted study keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"teacher_accuracy": t_acc, "rows": rows, "partial": True}, f, indent=1)
+
     for seed in a.seeds:
         hb = noise_baseline(teacher, student(seed), num_samples=a.num_samples, input_shape=shape, seed=seed,
                             eval_data=test, **train_kw)
         rows.append({"seed": seed, "run": "baseline", "acc": hb.final_accuracy})
         print(f"seed {seed} baseline {100 * hb.final_accuracy:.2f}%", flush=True)
-        for method in a.methods:
-            loops = [("fastkd", cake)] + ([] if a.no_reference else [("authors", authors_loop)])
-            for name, fn in loops:
+        dump()
+        loops = [("fastkd", cake)] + ([] if a.no_reference else [("authors", authors_loop)])
+        for name, fn in loops:  # fastkd first for every method, then the reference
+            for method in a.methods:
                 t0 = time.perf_counter()
                 ds = fn(teacher, langevin=(method == "lake"), seed=seed, progress=False, **syn_kw)
                 syn_s = time.perf_counter() - t0
@@ -71,6 +78,7 @@ def main() -> None:
                              "throughput": a.num_samples * a.steps / syn_s})
                 print(f"seed {seed} {method}-{name}: {100 * h.final_accuracy:.2f}% (synthesis {syn_s:.0f}s, "
                       f"{a.num_samples * a.steps / syn_s:.0f} sample-steps/s)", flush=True)
+                dump()
     summary = {"teacher_accuracy": t_acc, "config": {**syn_kw, **train_kw, "student": DEMO["student"]},
                "threads": torch.get_num_threads(), "rows": rows, "runs": {}}
     print(f"\nteacher {100 * t_acc:.2f}%  ({len(a.seeds)} seeds, {a.num_samples} samples x {a.steps} steps, "
