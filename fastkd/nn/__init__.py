@@ -8,3 +8,6 @@ __all__ += ["CAKELoss", "CrossClassContrastiveLoss"]
 from .image_matching import ImageMatchingLoss  # noqa: E402
 
 __all__ += ["ImageMatchingLoss"]
+
+from .kd import KDLoss, kd_loss, soft_cross_entropy  # noqa: E402
+__all__ += ["KDLoss", "kd_loss", "soft_cross_entropy"]
