@@ -2,3 +2,5 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .bn_stats import BNStatsLoss  # noqa: E402
+__all__ += ["BNStatsLoss"]

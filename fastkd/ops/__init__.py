@@ -2,3 +2,7 @@
 from .tv import tv_loss, tv_loss_and_grad, tv_loss_reference, tv_num_terms
 
 __all__ = ["tv_loss", "tv_loss_and_grad", "tv_loss_reference", "tv_num_terms"]
+from .bn_stats import bn_stats_loss, bn_stats_loss_reference, batch_stats_reference  # noqa: E402
+__all__ += ["bn_stats_loss", "bn_stats_loss_reference", "batch_stats_reference"]
+from .gmm import GMMFit, gmm_fit, gmm_fit_reference, gmm_select  # noqa: E402
+__all__ += ["GMMFit", "gmm_fit", "gmm_fit_reference", "gmm_select"]
