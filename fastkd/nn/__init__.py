@@ -2,5 +2,10 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .cake import CAKELoss, CrossClassContrastiveLoss  # noqa: E402
+
+__all__ += ["CAKELoss", "CrossClassContrastiveLoss"]
+from .kd import KDLoss, kd_loss, soft_cross_entropy  # noqa: E402
+__all__ += ["KDLoss", "kd_loss", "soft_cross_entropy"]
 from .bn_stats import BNStatsLoss  # noqa: E402
 __all__ += ["BNStatsLoss"]
