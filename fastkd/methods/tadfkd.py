@@ -216,49 +216,52 @@ def distill(teacher: nn.Module, student: nn.Module, *, config: TADFKDConfig | No
             loss_g.backward()
             opt_g.step()
             sched_g.step()
-            # ---- student steps on selected samples
+            # ---- student steps on selected samples: one generated pool of student_steps x
+            # batch_size samples per generator step, one teacher pass and one mixture fit over
+            # it, then student_steps minibatches of the kept samples
             student.train()
-            G.eval()
-            kept = 0
-            loss_s_sum = 0.0
-            for _ in range(cfg.student_steps):
-                with torch.no_grad():
-                    z = torch.randn(cfg.batch_size, cfg.nz, generator=gen_rng).to(dev)
-                    xs = G(z)
-                    if bn is not None:
-                        with bn.paused():
-                            ts = teacher(xs)
-                    else:
+            with torch.no_grad():
+                pool = cfg.student_steps * cfg.batch_size
+                z = torch.randn(pool, cfg.nz, generator=gen_rng).to(dev)
+                xs = G(z)  # train mode: the same batch statistics as in the generator step
+                if bn is not None:
+                    with bn.paused():
                         ts = teacher(xs)
-                    if cfg.select:
-                        mask = ops.gmm_select(selection_scores(ts), threshold=cfg.threshold,
-                                              max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, nan_policy="omit",
-                                              backend=cfg.backend if cfg.backend in ("torch", "triton") else "auto")
-                        xs, ts = xs[mask], ts[mask]
-                n_sel = xs.shape[0]
-                kept += n_sel
-                if n_sel < 2:  # nothing usable this step (BatchNorm students need 2 samples)
-                    sched_s.step()
+                else:
+                    ts = teacher(xs)
+                if cfg.select:
+                    mask = ops.gmm_select(selection_scores(ts), threshold=cfg.threshold,
+                                          max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol, nan_policy="omit",
+                                          backend=cfg.backend if cfg.backend in ("torch", "triton") else "auto")
+                    xs, ts = xs[mask], ts[mask]
+                perm = torch.randperm(xs.shape[0], generator=gen_rng).to(dev)
+                xs, ts = xs[perm], ts[perm]
+            kept = xs.shape[0]
+            loss_s_sum = 0.0
+            n_steps = 0
+            for xb, tb in zip(xs.chunk(cfg.student_steps), ts.chunk(cfg.student_steps)):
+                if xb.shape[0] < 2:  # BatchNorm students need 2 samples
                     continue
-                loss_s = F.l1_loss(student(xs), ts)
+                loss_s = F.l1_loss(student(xb), tb)
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
+                loss_s_sum += loss_s.item()
+                n_steps += 1
+            for _ in range(cfg.student_steps):
                 sched_s.step()
-                loss_s_sum += float(loss_s)
-            rec = {"iter": it + 1, "loss_g": float(loss_g), "adv": float(l_adv), "bn": float(l_bn),
-                   "tv": float(l_tv), "loss_s": loss_s_sum / cfg.student_steps,
-                   "selected": kept / (cfg.student_steps * cfg.batch_size)}
+            rec = {"iter": it + 1, "loss_g": loss_g.item(), "adv": l_adv.item(), "bn": l_bn.item(),
+                   "tv": l_tv.item(), "loss_s": loss_s_sum / max(1, n_steps),
+                   "selected": kept / pool}
             last = it + 1 == cfg.iterations
             if eval_data is not None and (last or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
                 rec["test_acc"] = evaluate(student, eval_data, device=dev)
             hist.append(rec)
             info = f"loss_s {rec['loss_s']:.3f} bn {rec['bn']:.3f} kept {100 * rec['selected']:.0f}%"
-            if "test_acc" in rec:
-                info += f" test acc {100 * rec['test_acc']:.2f}%"
-                if not progress:
-                    pass
             bar.update(1, info)
+            if "test_acc" in rec and progress:
+                say(f"tadfkd: iteration {it + 1}/{cfg.iterations}: student test acc {100 * rec['test_acc']:.2f}%"
+                    f" (kept {100 * rec['selected']:.0f}% of generated samples)")
     finally:
         bar.close()
         if bn is not None:
@@ -305,8 +308,7 @@ def save_sample_grid(G: Generator, teacher: nn.Module, path: str, n: int = 64, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dev = G.l1.weight.device
-    G.eval()
+    G.train()  # batch statistics, as during distillation
     with torch.no_grad():
         x = G.sample(max(n, 2), torch.Generator().manual_seed(seed))
         t = teacher(x)
@@ -328,7 +330,6 @@ def save_sample_grid(G: Generator, teacher: nn.Module, path: str, n: int = 64, s
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    del dev
     return path
 
 
