@@ -19,6 +19,8 @@ Registered names:
 * ``cnn`` / ``cnn_half`` -- the small CNN of the bundled digits default (two 3x3 conv
   blocks with max-pool, one hidden linear layer, no BatchNorm unless ``batch_norm=True``;
   ``input_size`` is the image side, default 8).
+* ``cnn_bn`` (``cnn`` with BatchNorm), ``cnn_deep`` (five conv-BN-ReLU layers, :class:`DeepCNN`),
+  ``resnet8`` (ResNet of one BasicBlock per stage, 16-32-64-128 channels): BN teachers.
 * ``mlp`` / ``mlp_half`` -- a two-hidden-layer perceptron over the flattened image
   (``input_size`` must be given: the image side, or a (H, W) pair).
 
@@ -216,3 +218,30 @@ register("cnn", _with(SmallCNN, width=1.0))
 register("cnn_half", _with(SmallCNN, width=0.5))
 register("mlp", _with(MLP, width=1.0))
 register("mlp_half", _with(MLP, width=0.5))
+
+
+# --------------------------------------------------------------------------- BN teachers
+class DeepCNN(nn.Module):
+    """Deeper CNN with BatchNorm for small images: five conv3-BN-ReLU layers
+    (32, 32 | pool | 64, 64 | pool | 64 channels at width 1), global average pool, linear."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2 = _ch(32, width), _ch(64, width)
+
+        def cbr(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*cbr(in_channels, c1), *cbr(c1, c1), nn.MaxPool2d(2),
+                                      *cbr(c1, c2), *cbr(c2, c2), nn.MaxPool2d(2),
+                                      *cbr(c2, c2), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# Teachers with BatchNorm for the TA-DFKD robustness study on the digits default.
+register("cnn_bn", _with(SmallCNN, width=1.0, batch_norm=True))
+register("cnn_deep", _with(DeepCNN, width=1.0))
+register("resnet8", _with(ResNet, blocks=(1, 1, 1, 1), width=0.25))

@@ -11,3 +11,5 @@ __all__ += ["ImageMatchingLoss"]
 
 from .kd import KDLoss, kd_loss, soft_cross_entropy  # noqa: E402
 __all__ += ["KDLoss", "kd_loss", "soft_cross_entropy"]
+from .bn_stats import BNStatsLoss  # noqa: E402
+__all__ += ["BNStatsLoss"]

@@ -13,3 +13,7 @@ from .ot import (linear_assignment, pairwise_sqdist, pairwise_sqdist_reference, 
 
 __all__ += ["image_distance", "image_distance_reference", "pairwise_sqdist", "pairwise_sqdist_reference",
             "wasserstein", "sliced_directions", "linear_assignment"]
+from .bn_stats import bn_stats_loss, bn_stats_loss_reference, batch_stats_reference  # noqa: E402
+__all__ += ["bn_stats_loss", "bn_stats_loss_reference", "batch_stats_reference"]
+from .gmm import GMMFit, gmm_fit, gmm_fit_reference, gmm_select  # noqa: E402
+__all__ += ["GMMFit", "gmm_fit", "gmm_fit_reference", "gmm_select"]

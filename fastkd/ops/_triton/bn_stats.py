@@ -1,0 +1,102 @@
+"""BatchNorm-statistics loss in Triton (see fastkd.ops.bn_stats).
+
+Forward: grid (C, chunks); each program reduces a chunk of one channel's N*S elements to
+shifted sums (x - K_c) and (x - K_c)^2 with K_c = x[0, c, 0] (limits cancellation); the
+(C, chunks) partials are folded into mean, variance and the two norms. Backward: one
+elementwise pass, grad = a_c + b_c * (x - mu_c).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import compute_dtype
+from ..bn_stats import _make_backward, _setup_context
+
+
+@triton.jit
+def _bn_partial_kernel(x_ptr, part_ptr, C, S, M, nchunk, ITERS, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    shift = tl.load(x_ptr + c * S).to(ACC)
+    s1 = tl.zeros([BLOCK], ACC)
+    s2 = tl.zeros([BLOCK], ACC)
+    base = k.to(tl.int64) * ITERS * BLOCK
+    for it in range(0, ITERS):
+        j = base + it * BLOCK + tl.arange(0, BLOCK)
+        m = j < M
+        n = j // S
+        s = j % S
+        v = tl.load(x_ptr + n * C * S + c * S + s, mask=m, other=0.0).to(ACC)
+        d = tl.where(m, v - shift, 0.0)
+        s1 += d
+        s2 += d * d
+    out = part_ptr + (c * nchunk + k) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit
+def _bn_bwd_kernel(x_ptr, g_ptr, a_ptr, b_ptr, mu_ptr, C, S, total, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    c = (i // S) % C
+    x = tl.load(x_ptr + i, mask=m, other=0.0).to(ACC)
+    a = tl.load(a_ptr + c, mask=m, other=0.0)
+    b = tl.load(b_ptr + c, mask=m, other=0.0)
+    mu = tl.load(mu_ptr + c, mask=m, other=0.0)
+    tl.store(g_ptr + i, (a + b * (x - mu)).to(g_ptr.dtype.element_ty), mask=m)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@torch.library.triton_op("fastkd_triton::bn_stats_fwd", mutates_args={})
+def bn_stats_fwd(x: torch.Tensor, running_mean: torch.Tensor,
+                 running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // (N * C)
+    M = N * S
+    cd = compute_dtype(x.dtype)
+    BLOCK = 1024
+    ITERS = max(1, min(16, triton.cdiv(M, BLOCK * 8)))
+    nchunk = triton.cdiv(M, BLOCK * ITERS)
+    part = torch.empty((C, nchunk, 2), dtype=cd, device=x.device)
+    torch.library.wrap_triton(_bn_partial_kernel)[(C, nchunk)](
+        x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=BLOCK)
+    sums = part.sum(1)
+    shift = x.view(N, C, S)[0, :, 0].to(cd)
+    d1 = sums[:, 0] / M
+    mean = shift + d1
+    var = (sums[:, 1] / M - d1 * d1).clamp_min(0)
+    norms = torch.stack([torch.linalg.vector_norm(mean - running_mean.to(cd)),
+                         torch.linalg.vector_norm(var - running_var.to(cd))])
+    return norms.sum().to(x.dtype), mean, var, norms
+
+
+@torch.library.triton_op("fastkd_triton::bn_stats_bwd", mutates_args={})
+def bn_stats_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 running_mean: torch.Tensor, running_var: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    N, C = x.shape[0], x.shape[1]
+    S = x.numel() // (N * C)
+    M = N * S
+    cd = mean.dtype
+    g = grad.to(cd)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    a = torch.where(norms[0] > 0, g * (mean - running_mean.to(cd)) / (safe[0] * M), torch.zeros_like(mean))
+    b = torch.where(norms[1] > 0, 2 * g * (var - running_var.to(cd)) / (safe[1] * M), torch.zeros_like(var))
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    BLOCK = 1024
+    total = x.numel()
+    torch.library.wrap_triton(_bn_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
+        x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=BLOCK)
+    return gx
+
+
+torch.library.register_autograd("fastkd_triton::bn_stats_fwd",
+                                _make_backward(lambda: torch.ops.fastkd_triton.bn_stats_bwd),
+                                setup_context=_setup_context)
