@@ -379,3 +379,73 @@ def test_tritonclient_against_our_server(served, tmp_path):
     y = torch.from_numpy(np.load(tmp_path / "y.npy"))
     torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
     assert json.loads(out.stdout.strip().splitlines()[-1])["inputs"][0]["name"] == "input"
+
+
+MLSERVER_RUNTIME = '''
+import numpy as np
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceResponse
+
+
+class LinearSoftmax(MLModel):
+    async def load(self):
+        d = np.load(self.settings.parameters.uri)
+        self.w, self.b = d["w"], d["b"]
+        return True
+
+    async def predict(self, payload):
+        x = NumpyCodec.decode_input(payload.inputs[0])
+        z = x.reshape(x.shape[0], -1) @ self.w.T + self.b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return InferenceResponse(model_name=self.name,
+                                 outputs=[NumpyCodec.encode_output("probabilities", p.astype(np.float32))])
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("FASTKD_MLSERVER"),
+                    reason="set FASTKD_MLSERVER to an `mlserver` executable (MLServer is not a test dependency)")
+def test_our_client_against_mlserver(tmp_path):
+    """Interoperability: BlackBoxTeacher against Seldon MLServer (an independent implementation)."""
+    import urllib.request
+    m = tiny_model()
+    w, b = m[1].weight.detach().numpy(), m[1].bias.detach().numpy()
+    np.savez(tmp_path / "w.npz", w=w, b=b)
+    (tmp_path / "runtime.py").write_text(MLSERVER_RUNTIME)
+    port, gport, mport = free_port(), free_port(), free_port()
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": port, "grpc_port": gport, "metrics_port": mport,
+        "parallel_workers": 0, "debug": False}))
+    (tmp_path / "model-settings.json").write_text(json.dumps({
+        "name": "tiny", "implementation": "runtime.LinearSoftmax",
+        "parameters": {"uri": str(tmp_path / "w.npz")},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1] + SHAPE}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]}))
+    p = subprocess.Popen([os.environ["FASTKD_MLSERVER"], "start", str(tmp_path)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/tiny/ready", timeout=1)
+                break
+            except OSError:
+                if p.poll() is not None or time.monotonic() - t0 > 120:
+                    raise RuntimeError("mlserver did not start")
+                time.sleep(0.5)
+        bb = BlackBoxTeacher(url=f"http://127.0.0.1:{port}/v2/models/tiny", response="soft", budget=20, max_batch=4)
+        x = torch.randn(10, *SHAPE)
+        torch.testing.assert_close(bb(x), ref_probs(m, x), atol=1e-5, rtol=1e-4)
+        assert bb.stats()["queries_paid"] == 10
+        with pytest.raises(TeacherInputError):
+            bb(torch.randn(2, 1, 5, 5))
+        hard = BlackBoxTeacher(url=f"http://127.0.0.1:{port}", model_name="tiny", response="hard")(x)
+        assert torch.equal(hard.argmax(1), ref_probs(m, x).argmax(1))
+    finally:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
