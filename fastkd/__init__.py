@@ -5,6 +5,7 @@ data-free (CAKE/LAKE, TA-DFKD) and black-box (MEKD) distillation.
 """
 from ._backend import BACKENDS, BackendStatus, BackendUnavailableError, backends
 from . import ops, nn  # noqa: E402
+from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "ops", "nn", "__version__"]

@@ -2,3 +2,8 @@
 from .losses import TVLoss
 
 __all__ = ["TVLoss"]
+from .cake import CAKELoss, CrossClassContrastiveLoss  # noqa: E402
+
+__all__ += ["CAKELoss", "CrossClassContrastiveLoss"]
+from .kd import KDLoss, kd_loss, soft_cross_entropy  # noqa: E402
+__all__ += ["KDLoss", "kd_loss", "soft_cross_entropy"]

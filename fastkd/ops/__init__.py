@@ -2,3 +2,8 @@
 from .tv import tv_loss, tv_loss_and_grad, tv_loss_reference, tv_num_terms
 
 __all__ = ["tv_loss", "tv_loss_and_grad", "tv_loss_reference", "tv_num_terms"]
+from .contrastive import cross_class_contrastive, cross_class_contrastive_reference, contrastive_num_pairs  # noqa: E402
+from .langevin import langevin_step_, langevin_step_reference, philox_normal  # noqa: E402
+
+__all__ += ["cross_class_contrastive", "cross_class_contrastive_reference", "contrastive_num_pairs",
+            "langevin_step_", "langevin_step_reference", "philox_normal"]

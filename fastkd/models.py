@@ -1,0 +1,212 @@
+"""Model zoo for teachers and students.
+
+Every constructor takes ``num_classes`` and ``in_channels`` first and returns a plain
+``nn.Module`` mapping (N, in_channels, H, W) images to (N, num_classes) logits. Use the
+registry to build one by name::
+
+    from fastkd import models
+    net = models.create("lenet5_half", num_classes=10, in_channels=1)
+    models.names()          # every registered name
+
+Registered names:
+
+* ``lenet5`` / ``lenet5_half`` -- LeNet-5 (6-16-120-84 channels/units) and the half-width
+  version used as its student (3-8-60-42), as in the data-free KD literature. The first
+  convolution pads by 2 (28x28 MNIST-style inputs give the classic 5x5 map before the
+  last convolution); any size >= 8 works (an adaptive pool feeds the last convolution).
+* ``resnet18`` / ``resnet34`` (and ``*_half``) -- CIFAR-style ResNets: 3x3 stem, no
+  max-pool, four stages of BasicBlocks (64-128-256-512 channels at width 1), BatchNorm.
+* ``cnn`` / ``cnn_half`` -- the small CNN of the bundled digits default (two 3x3 conv
+  blocks with max-pool, one hidden linear layer, no BatchNorm unless ``batch_norm=True``).
+* ``mlp`` / ``mlp_half`` -- a two-hidden-layer perceptron over the flattened image
+  (``input_size`` must be given: the image side, or a (H, W) pair).
+
+Any ``nn.Module`` (torchvision, timm, your own) works as a teacher anywhere in fastkd;
+the zoo only supplies convenient defaults.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["LeNet5", "ResNet", "BasicBlock", "SmallCNN", "MLP", "create", "names", "register",
+           "num_parameters"]
+
+
+def _ch(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv5-pool-conv5-pool-conv5-fc-fc with ReLU; ``width=0.5`` is LeNet-5-Half."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3, f = _ch(6, width), _ch(16, width), _ch(120, width), _ch(84, width)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(5),  # identity for 28x28 inputs; lets other sizes through
+            nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3, f), nn.ReLU(inplace=True),
+                                        nn.Linear(f, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (3x3 stem, no max-pool) of BasicBlocks.
+
+    Args:
+        blocks: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18, (3, 4, 6, 3) for ResNet-34.
+        width: channel multiplier (1.0 gives 64-128-256-512).
+    """
+
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3,
+                 width: float = 1.0) -> None:
+        super().__init__()
+        chans = [_ch(c, width) for c in (64, 128, 256, 512)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True))
+        layers, cin = [], chans[0]
+        for i, (n, c) in enumerate(zip(blocks, chans)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, c, stride=2 if (i > 0 and j == 0) else 1))
+                cin = c
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+class SmallCNN(nn.Module):
+    """Small CNN for small images (the digits default): [conv3-ReLU-pool] x 2, fc, fc.
+
+    Args:
+        width: channel multiplier (1.0: 16-32 channels, 64 hidden units; 0.5 is the student).
+        batch_norm: insert BatchNorm after each convolution (off by default).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
+                 batch_norm: bool = False) -> None:
+        super().__init__()
+        c1, c2, h = _ch(16, width), _ch(32, width), _ch(64, width)
+
+        def block(cin, cout):
+            mods = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm)]
+            if batch_norm:
+                mods.append(nn.BatchNorm2d(cout))
+            return mods + [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(in_channels, c1), *block(c1, c2), nn.AdaptiveAvgPool2d(4))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 16, h), nn.ReLU(inplace=True),
+                                        nn.Linear(h, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """Perceptron over the flattened image: in -> hidden[0] -> hidden[1] -> classes (ReLU).
+
+    Args:
+        input_size: image side (int) or (H, W); required, the first layer's width depends on it.
+        hidden: hidden-layer widths (default (256, 128)); ``width`` scales them.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size=None,
+                 hidden=(256, 128), width: float = 1.0) -> None:
+        super().__init__()
+        if input_size is None:
+            raise ValueError("MLP: input_size is required (the image side, e.g. 16, or (H, W)), got None")
+        hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        dims = [in_channels * hw[0] * hw[1]] + [_ch(h, width) for h in hidden]
+        mods: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        mods.append(nn.Linear(dims[-1], num_classes))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, ctor: Callable[..., nn.Module]) -> None:
+    """Add ``ctor(num_classes=..., in_channels=..., **kwargs) -> nn.Module`` under ``name``."""
+    _REGISTRY[name] = ctor
+
+
+def names() -> list[str]:
+    """Every registered model name."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: one of :func:`names` (e.g. ``"lenet5_half"``, ``"resnet18"``, ``"cnn_half"``).
+        num_classes: output width (logits).
+        in_channels: image channels.
+        **kwargs: passed to the constructor (``width``, ``batch_norm`` for ``cnn``,
+            ``input_size`` for ``mlp``...).
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"models.create: unknown model name {name!r}; expected one of {names()}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"models.create: num_classes must be an int >= 2, got {num_classes!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"models.create: in_channels must be an int >= 1, got {in_channels!r}")
+    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _with(cls, **fixed):
+    def ctor(num_classes: int = 10, in_channels: int = 1, **kw):
+        args = dict(fixed)
+        args.update(kw)
+        return cls(num_classes=num_classes, in_channels=in_channels, **args)
+    return ctor
+
+
+register("lenet5", _with(LeNet5, width=1.0))
+register("lenet5_half", _with(LeNet5, width=0.5))
+register("resnet18", _with(ResNet, blocks=(2, 2, 2, 2)))
+register("resnet34", _with(ResNet, blocks=(3, 4, 6, 3)))
+register("resnet18_half", _with(ResNet, blocks=(2, 2, 2, 2), width=0.5))
+register("resnet34_half", _with(ResNet, blocks=(3, 4, 6, 3), width=0.5))
+register("cnn", _with(SmallCNN, width=1.0))
+register("cnn_half", _with(SmallCNN, width=0.5))
+register("mlp", _with(MLP, width=1.0))
+register("mlp_half", _with(MLP, width=0.5))

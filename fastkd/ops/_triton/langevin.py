@@ -1,0 +1,189 @@
+"""Langevin step in Triton, in place (see fastkd.ops.langevin).
+
+Noise is generated in the kernel with the same Philox4x32-10 + Box-Muller stream as the
+other backends. Without the TV prior each program owns BLOCK_J Philox blocks (4*BLOCK_J
+consecutive elements). With it each program walks one (sample, channel) plane in tiles
+of rows; the old values of the row above a tile are carried from the previous tile and
+a barrier separates the tile's reads from its writes, so updating in place is safe.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _philox(c0, c1, k0, k1):
+    x0 = c0
+    x1 = c1
+    x2 = tl.zeros_like(c0)
+    x3 = tl.zeros_like(c0)
+    for _ in tl.static_range(10):
+        m0 = tl.full(x0.shape, 0xD2511F53, tl.uint32)
+        m1 = tl.full(x0.shape, 0xCD9E8D57, tl.uint32)
+        h0 = tl.umulhi(m0, x0)
+        l0 = m0 * x0
+        h1 = tl.umulhi(m1, x2)
+        l1 = m1 * x2
+        y0 = h1 ^ x1 ^ k0
+        y2 = h0 ^ x3 ^ k1
+        x0 = y0
+        x1 = l1
+        x2 = y2
+        x3 = l0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _box_muller(ua, ub):
+    a = ((ua >> 8) + 1).to(tl.float32) * 5.9604644775390625e-8
+    b = (ub >> 8).to(tl.float32) * 5.9604644775390625e-8
+    r = tl.sqrt(-2.0 * tl.log(a))
+    th = 6.283185307179586 * b
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _update(x_ptr, g_ptr, e, m, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z,
+            LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
+            ACC: tl.constexpr):
+    n = e // per
+    if LR_T:
+        lrv = tl.load(lr_ptr + n, mask=m, other=0.0).to(ACC)
+    else:
+        lrv = lr
+    v = tl.load(x_ptr + e, mask=m, other=0.0).to(ACC) - lrv * tl.load(g_ptr + e, mask=m, other=0.0).to(ACC)
+    if NOISE:
+        if SD_T:
+            sdv = tl.load(sd_ptr + n, mask=m, other=0.0).to(ACC)
+        else:
+            sdv = sd
+        v = v + sdv * z.to(ACC)
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    tl.store(x_ptr + e, v.to(x_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _step_kernel(x_ptr, g_ptr, numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, k0, k1,
+                 LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_J: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    if NOISE:
+        c0 = (j & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (j >> 32).to(tl.uint32)
+        u0, u1, u2, u3 = _philox(c0, c1, k0, k1)
+        z0, z1 = _box_muller(u0, u1)
+        z2, z3 = _box_muller(u2, u3)
+    else:
+        z0 = tl.zeros([BLOCK_J], tl.float32)
+        z1 = z0
+        z2 = z0
+        z3 = z0
+    e = 4 * j
+    _update(x_ptr, g_ptr, e, e < numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z0, LR_T, SD_T, NOISE, CLAMP, ACC)
+    _update(x_ptr, g_ptr, e + 1, e + 1 < numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z1,
+            LR_T, SD_T, NOISE, CLAMP, ACC)
+    _update(x_ptr, g_ptr, e + 2, e + 2 < numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z2,
+            LR_T, SD_T, NOISE, CLAMP, ACC)
+    _update(x_ptr, g_ptr, e + 3, e + 3 < numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z3,
+            LR_T, SD_T, NOISE, CLAMP, ACC)
+
+
+@triton.jit
+def _tvg(d, P: tl.constexpr):
+    if P == 1:
+        return (d > 0).to(d.dtype) - (d < 0).to(d.dtype)
+    else:
+        return 2.0 * d
+
+
+@triton.jit
+def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr, sd_ptr, sd, lo, hi, tvs, k0, k1,
+                    LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
+                    P: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    n = plane // C
+    base = plane * H * W
+    if LR_T:
+        lrv = tl.load(lr_ptr + n).to(ACC)
+    else:
+        lrv = lr
+    if SD_T:
+        sdv = tl.load(sd_ptr + n).to(ACC)
+    else:
+        sdv = sd
+    cols = tl.arange(0, BW)
+    cm = cols < W
+    prev = tl.zeros([BW], ACC)
+    for h0 in range(0, H, R):
+        rows = h0 + tl.arange(0, R)
+        rm = rows < H
+        m = rm[:, None] & cm[None, :]
+        off = rows[:, None].to(tl.int64) * W + cols[None, :]
+        ptr = x_ptr + base + off
+        c = tl.load(ptr, mask=m, other=0.0).to(ACC)
+        mr = m & (cols < W - 1)[None, :]
+        ml = m & (cols > 0)[None, :]
+        md = m & (rows < H - 1)[:, None]
+        mu = m & (rows > h0)[:, None]
+        right = tl.load(ptr + 1, mask=mr, other=0.0).to(ACC)
+        left = tl.load(ptr - 1, mask=ml, other=0.0).to(ACC)
+        down = tl.load(ptr + W, mask=md, other=0.0).to(ACC)
+        up = tl.load(ptr - W, mask=mu, other=0.0).to(ACC)
+        up = tl.where((rows == h0)[:, None], prev[None, :], up)
+        has_up = m & (rows > 0)[:, None]
+        zero = tl.zeros([R, BW], ACC)
+        gt = tl.where(ml, _tvg(c - left, P), zero) - tl.where(mr, _tvg(right - c, P), zero) \
+            + tl.where(has_up, _tvg(c - up, P), zero) - tl.where(md, _tvg(down - c, P), zero)
+        v = c - lrv * (tl.load(g_ptr + base + off, mask=m, other=0.0).to(ACC) + tvs * gt)
+        if NOISE:
+            e = base + off
+            j = e // 4
+            lane = e % 4
+            u0, u1, u2, u3 = _philox((j & 0xFFFFFFFF).to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
+            zc, zs = _box_muller(tl.where(lane < 2, u0, u2), tl.where(lane < 2, u1, u3))
+            z = tl.where((lane % 2) == 0, zc, zs)
+            v = v + sdv * z.to(ACC)
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, lo), hi)
+        prev = tl.sum(tl.where((rows == h0 + R - 1)[:, None], c, zero), axis=0)
+        tl.debug_barrier()
+        tl.store(ptr, v.to(x_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+
+
+@torch.library.triton_op("fastkd_triton::langevin_step_", mutates_args={"x"})
+def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr_t: torch.Tensor | None, lr: float,
+                   std_t: torch.Tensor | None, noise_std: float, do_clamp: bool, lo: float, hi: float,
+                   tv_weight: float, tv_p: int, seed: int) -> None:
+    if x.numel() == 0:
+        return
+    grad = grad.contiguous()
+    N = x.shape[0]
+    per = x.numel() // N
+    noise = std_t is not None or noise_std != 0.0
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    lr_buf = lr_t.to(torch.float32).contiguous() if lr_t is not None else x
+    sd_buf = std_t.to(torch.float32).contiguous() if std_t is not None else x
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    lo = lo if do_clamp else 0.0
+    hi = hi if do_clamp else 0.0
+    wt = torch.library.wrap_triton
+    if tv_weight == 0.0:
+        BJ = 256
+        grid = (triton.cdiv(triton.cdiv(x.numel(), 4), BJ),)
+        wt(_step_kernel)[grid](x, grad, x.numel(), per, lr_buf, lr, sd_buf, noise_std, lo, hi, k0, k1,
+                               LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise, CLAMP=do_clamp,
+                               ACC=acc, BLOCK_J=BJ)
+        return
+    _, C, H, W = x.shape
+    terms = N * C * ((H - 1) * W + H * (W - 1))
+    BW = triton.next_power_of_2(W)
+    R = max(1, min(triton.next_power_of_2(H), 2048 // BW))
+    wt(_step_tv_kernel)[(N * C,)](x, grad, C, H, W, lr_buf, lr, sd_buf, noise_std, lo, hi, tv_weight / terms,
+                                  k0, k1, LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise,
+                                  CLAMP=do_clamp, P=tv_p, ACC=acc, R=R, BW=BW)

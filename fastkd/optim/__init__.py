@@ -1,0 +1,4 @@
+"""Optimizers over synthetic inputs."""
+from .langevin import Langevin
+
+__all__ = ["Langevin"]

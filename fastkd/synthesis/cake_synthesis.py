@@ -1,0 +1,562 @@
+"""CAKE / LAKE data synthesis: ``fastkd.synthesis.cake``.
+
+Synthesises a data set from a frozen, differentiable teacher and no data (Braun, Mundt,
+Kersting, "Deep Classifier Mimicry without Data Access"). Every mini-batch starts from
+the input prior, draws labels in groups of distinct classes, and takes ``steps``
+gradient steps on the inputs against
+
+    w_cls * L_cls + w_contr * L_contr + w_tv * L_tv  (+ bn_prior_weight * L_bn)
+
+with :class:`fastkd.nn.CAKELoss` (``L_cls``: cross-entropy of the teacher's logits
+against the drawn labels; ``L_contr``: :func:`fastkd.ops.cross_class_contrastive` over
+pairs of different labels inside a group; normalised like the authors' code, so their
+weights mean the same) and the TV prior's gradient added inside the fused
+:func:`fastkd.ops.langevin_step_`. CAKE takes plain gradient steps (its noise is implicit:
+the step size changes from batch to batch); LAKE (``langevin=True``) adds
+``sqrt(2 * lr) * N(0, I)`` after each step (explicit Langevin dynamics).
+
+The step size is constant inside a batch and decays across batches from ``lr[0]`` to
+``lr[1]`` (log-linearly, or by a cosine in log space), so the data set covers the
+decision boundary at several scales.
+
+Batch ``b`` depends only on ``(seed, b)`` (its prior draw, labels and noise are seeded
+by both), which makes three things exact:
+
+* resuming: with ``out_dir`` every finished batch is written at once (one file per
+  batch, written under a temporary name and renamed) and a rerun skips what exists,
+  redoing at most the batch that was in flight;
+* sharding: under ``torch.distributed`` (e.g. ``torchrun``) rank r does the batches
+  b with b % world_size == r; the union is what one process would produce;
+* reproducibility: the same seed gives the same data set on the same machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .._progress import Progress
+from ..nn.cake import CAKELoss
+from .dataset import SyntheticDataset
+
+__all__ = ["cake", "lake", "step_sizes", "class_prior_labels", "load_shards", "ShardMismatchError",
+           "DEFAULTS"]
+
+MANIFEST = "manifest.json"
+SHARD_FORMAT = "fastkd.synthetic-shard/1"
+_SHARD_RE = re.compile(r"^batch_(\d{6})\.pt$")
+
+#: Defaults of :func:`cake` (the authors' weights, normalisation and step schedule).
+DEFAULTS = dict(batch_size=100, steps=200, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-1, 1e-5),
+                schedule="loglinear")
+
+
+class ShardMismatchError(RuntimeError):
+    """out_dir holds shards written by a run with another configuration or teacher."""
+
+
+# --------------------------------------------------------------------------- pieces
+def step_sizes(num_batches: int, start: float, end: float, schedule: str = "loglinear") -> list[float]:
+    """Per-batch step sizes from ``start`` (first batch) to ``end`` (last batch).
+
+    "loglinear": geometric interpolation; "cosine": cosine annealing of log(lr).
+    """
+    if num_batches == 1:
+        return [float(start)]
+    a, b = math.log(start), math.log(end)
+    out = []
+    for i in range(num_batches):
+        t = i / (num_batches - 1)
+        if schedule == "cosine":
+            t = 0.5 * (1.0 - math.cos(math.pi * t))
+        out.append(math.exp(a + (b - a) * t))
+    return out
+
+
+def class_prior_labels(batch_size: int, num_classes: int, generator: torch.Generator,
+                       group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and group ids of one batch: consecutive groups of ``group_size`` (default
+    ``num_classes``) samples, each group's labels drawn without repetition (a random
+    permutation of the classes, cut to the group's size)."""
+    gs = group_size or num_classes
+    labels, groups = [], []
+    g = 0
+    while sum(t.numel() for t in labels) < batch_size:
+        take = min(gs, batch_size - sum(t.numel() for t in labels))
+        perm = torch.randperm(num_classes, generator=generator)
+        if take <= num_classes:
+            lab = perm[:take]
+        else:  # groups larger than the class count: repeat permutations
+            reps = [perm] + [torch.randperm(num_classes, generator=generator)
+                             for _ in range(math.ceil(take / num_classes) - 1)]
+            lab = torch.cat(reps)[:take]
+        labels.append(lab)
+        groups.append(torch.full((take,), g, dtype=torch.int64))
+        g += 1
+    return torch.cat(labels), torch.cat(groups)
+
+
+def _batch_seed(seed: int, b: int, salt: int = 0) -> int:
+    h = hashlib.blake2b(f"{seed}:{b}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def _draw_prior(prior, shape, gen: torch.Generator) -> torch.Tensor:
+    if prior == "normal":
+        return torch.randn(shape, generator=gen)
+    if prior == "uniform":
+        return torch.rand(shape, generator=gen) * 2.0 - 1.0
+    x = prior(tuple(shape), gen)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or not x.dtype.is_floating_point:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"cake: the prior callable must return a float tensor of shape {tuple(shape)}, got {got}")
+    return x.float().cpu()
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """A hash of the teacher's parameters and buffers (identifies the teacher of a run)."""
+    h = hashlib.sha1()
+    for k, v in sorted(teacher.state_dict().items()):
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _BNPrior:
+    """DeepInversion BN-statistics term: sum over BatchNorm layers of
+    ||mean_batch - running_mean||_2 + ||var_batch - running_var||_2."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.running_mean is not None]
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, mod, inp, out):
+        x = inp[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        self.terms.append(torch.linalg.vector_norm(mean - mod.running_mean.float())
+                          + torch.linalg.vector_norm(var - mod.running_var.float()))
+
+    def take(self) -> torch.Tensor:
+        t = torch.stack(self.terms).sum()
+        self.terms = []
+        return t
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- checks
+def _pos_int(name, v, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"cake: {name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _nonneg(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"cake: {name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _validate(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv,
+              lr, schedule, prior, bn_prior_weight, group_size, clamp):
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"cake: teacher must be an nn.Module (any differentiable classifier, TorchScript "
+                        f"included), got {type(teacher).__name__}")
+    _pos_int("num_classes", num_classes, 2)
+    if (not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) == 0
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape)):
+        raise ValueError(f"cake: input_shape must be a tuple of positive ints without the batch dimension, "
+                         f"e.g. (1, 16, 16), got {input_shape!r}")
+    _pos_int("num_samples", num_samples)
+    _pos_int("batch_size", batch_size)
+    _pos_int("steps", steps)
+    for n, v in (("w_cls", w_cls), ("w_contr", w_contr), ("w_tv", w_tv), ("bn_prior_weight", bn_prior_weight)):
+        _nonneg(n, v)
+    if w_tv > 0 and len(input_shape) != 3:
+        raise ValueError(f"cake: the TV prior (w_tv > 0) needs image inputs, input_shape (C, H, W); got "
+                         f"{tuple(input_shape)} (set w_tv=0 for other inputs)")
+    if (not isinstance(lr, (tuple, list)) or len(lr) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                       for v in lr)):
+        raise ValueError(f"cake: lr must be a (start, end) pair of positive step sizes, got {lr!r}")
+    if schedule not in ("loglinear", "cosine"):
+        raise ValueError(f"cake: schedule must be 'loglinear' or 'cosine', got {schedule!r}")
+    if not (prior in ("normal", "uniform") or callable(prior)):
+        raise ValueError(f"cake: prior must be 'normal', 'uniform' or a callable (shape, generator) -> tensor, "
+                         f"got {prior!r}")
+    if group_size is not None:
+        _pos_int("group_size", group_size, 2)
+    if clamp is not None:
+        if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
+                or not all(isinstance(v, (int, float)) for v in clamp) or not clamp[0] < clamp[1]):
+            raise ValueError(f"cake: clamp must be None or a (lo, hi) pair with lo < hi, got {clamp!r}")
+
+
+def _probe(teacher, num_classes, input_shape, device):
+    """Run the teacher on two prior-shaped inputs: catch a wrong shape or width early."""
+    x = torch.zeros((2, *input_shape), device=device)
+    try:
+        with torch.no_grad():
+            out = teacher(x)
+    except Exception as e:  # the teacher rejects this input shape
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cake: the teacher rejects inputs of input_shape {tuple(input_shape)} "
+                         f"(batch of 2 on {device}): {type(e).__name__}: {msg}") from e
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cake: the teacher must return a logits tensor, got {type(out).__name__} "
+                        "(wrap it so that forward returns the (N, num_classes) logits)")
+    if out.dim() != 2 or out.shape[0] != 2:
+        raise ValueError(f"cake: the teacher must return logits of shape (N, num_classes); for a batch of 2 "
+                         f"it returned shape {tuple(out.shape)}")
+    if out.shape[1] != num_classes:
+        raise ValueError(f"cake: the teacher's output width is {out.shape[1]} but num_classes is {num_classes}")
+
+
+# --------------------------------------------------------------------------- shards
+def _shard_path(out_dir: str, b: int) -> str:
+    return os.path.join(out_dir, f"batch_{b:06d}.pt")
+
+
+def _existing_shards(out_dir: str) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(out_dir):
+        m = _SHARD_RE.match(name)
+        if m:
+            out[int(m.group(1))] = os.path.join(out_dir, name)
+    return out
+
+
+def _prepare_out_dir(out_dir: str, manifest: dict, rank: int) -> set[int]:
+    """Check (or create) the manifest; return the batch indices already finished."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"cake: out_dir {out_dir!r} exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    existing = _existing_shards(out_dir)
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ShardMismatchError(f"cake: {path} is not a readable fastkd manifest ({e}); "
+                                         "use another out_dir") from e
+        if old.get("key") != manifest["key"]:
+            diff = sorted(k for k in set(old.get("config", {})) | set(manifest["config"])
+                          if old.get("config", {}).get(k) != manifest["config"].get(k))
+            if old.get("teacher") != manifest["teacher"]:
+                diff.append("teacher (another model or other weights)")
+            raise ShardMismatchError(
+                f"cake: out_dir {out_dir!r} holds {len(existing)} shard(s) of another run (it differs in: "
+                f"{', '.join(diff) or 'format'}); nothing was overwritten. Use another out_dir, or delete "
+                "this one to start over.")
+    else:
+        if existing:
+            raise ShardMismatchError(f"cake: out_dir {out_dir!r} holds {len(existing)} batch_*.pt file(s) but "
+                                     f"no {MANIFEST}; they are not this run's. Use another out_dir.")
+        if rank == 0:
+            tmp = path + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+    done = set()
+    for b, p in existing.items():
+        if b >= manifest["num_batches"]:
+            continue
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: redo that batch
+            continue
+        if isinstance(obj, dict) and obj.get("key") == manifest["key"] and obj.get("batch") == b:
+            done.add(b)
+    return done
+
+
+def _write_shard(out_dir: str, b: int, key: str, x, p, y, seconds: float) -> None:
+    path = _shard_path(out_dir, b)
+    tmp = path + f".tmp{os.getpid()}"
+    torch.save({"format": SHARD_FORMAT, "key": key, "batch": b, "inputs": x, "probs": p, "labels": y,
+                "seconds": seconds}, tmp)
+    os.replace(tmp, path)
+
+
+def load_shards(out_dir: str, *, allow_incomplete: bool = False) -> SyntheticDataset:
+    """Assemble the :class:`SyntheticDataset` of a synthesis ``out_dir`` (batches in order)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_shards: {out_dir!r} has no {MANIFEST}; not a synthesis out_dir")
+    with open(path) as f:
+        man = json.load(f)
+    xs, ps, ys, missing = [], [], [], []
+    for b in range(man["num_batches"]):
+        p = _shard_path(out_dir, b)
+        if not os.path.exists(p):
+            missing.append(b)
+            continue
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        if obj.get("key") != man["key"]:
+            raise ShardMismatchError(f"load_shards: {p} belongs to another run")
+        xs.append(obj["inputs"])
+        ps.append(obj["probs"])
+        ys.append(obj["labels"])
+    if missing and not allow_incomplete:
+        raise RuntimeError(f"load_shards: {out_dir!r} is incomplete: {len(missing)} of {man['num_batches']} "
+                           f"batches missing (first: {missing[:5]}); rerun the synthesis to finish it")
+    meta = dict(man.get("config", {}))
+    meta["out_dir"] = os.path.abspath(out_dir)
+    return SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys), meta)
+
+
+# --------------------------------------------------------------------------- main loop
+def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], num_samples: int,
+         batch_size: int = 100, steps: int = 200, w_cls: float = 1e3, w_contr: float = 1e1,
+         w_tv: float = 1e5, lr: tuple[float, float] = (1e-1, 1e-5), schedule: str = "loglinear",
+         langevin: bool = False, noise_std: float | None = None, prior: str | Callable = "normal",
+         bn_prior_weight: float = 0.0, contrastive_on: str = "logits", group_size: int | None = None,
+         clamp: tuple[float, float] | None = None, amp: bool | None = None, device=None, seed: int = 0,
+         progress: bool = True, out_dir: str | None = None, backend: str = "auto",
+         distributed: bool | None = None) -> SyntheticDataset:
+    """Synthesise ``num_samples`` inputs for ``teacher`` with CAKE (or LAKE).
+
+    Args:
+        teacher: any differentiable ``nn.Module`` mapping (N, *input_shape) to (N, num_classes)
+            logits (TorchScript, torchvision and timm models included). Put in eval mode;
+            its parameters are frozen during the call and restored afterwards.
+        num_classes: the teacher's output width.
+        input_shape: one input's shape without the batch dimension, e.g. (1, 16, 16).
+        num_samples: samples to synthesise (the last batch may be smaller).
+        batch_size: samples per batch (100). Each batch is optimised independently.
+        steps: gradient steps per batch (200).
+        w_cls, w_contr, w_tv: loss weights (1e3, 1e1, 1e5: the authors'), with the authors'
+            normalisation (see :class:`fastkd.nn.CAKELoss`); TV is the mean absolute
+            difference of neighbouring pixels.
+        lr: (start, end) step sizes of the first and last batch (1e-1, 1e-5).
+        schedule: "loglinear" or "cosine" interpolation of log(lr) across batches.
+        langevin: False: CAKE (plain gradient steps); True: LAKE (adds sqrt(2 lr) N(0, I)
+            noise after every step, or ``noise_std`` if given).
+        noise_std: LAKE's noise scale (default sqrt(2 * lr)); ignored for CAKE.
+        prior: initial inputs: "normal" (N(0, I)), "uniform" (U(-1, 1)) or a callable
+            ``(shape, generator) -> tensor``.
+        bn_prior_weight: weight of the DeepInversion BatchNorm-statistics term (0: off).
+            Needs a teacher with BatchNorm layers; CAKE itself does not.
+        contrastive_on: "logits" (the authors' choice) or "probs".
+        group_size: samples per label group (default num_classes).
+        clamp: optional (lo, hi) range of the inputs after each step.
+        amp: bf16 autocast of the teacher's forward; default on for CUDA, off on the CPU.
+        device: default: the teacher's device.
+        seed: batch b is determined by (seed, b).
+        progress: print progress (rank 0).
+        out_dir: write each finished batch here and resume from what exists. A folder
+            holding another run's shards raises :class:`ShardMismatchError` before any work.
+        backend: backend of the fused ops ("auto", "cuda", "triton", "cpp", "torch").
+        distributed: shard batches across torch.distributed ranks; default: when it is
+            initialised with more than one process. Every rank returns the full data set.
+
+    Returns:
+        a :class:`SyntheticDataset` (inputs, teacher probabilities, intended labels; its
+        ``meta`` holds the configuration, timings and throughput).
+    """
+    _validate(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv,
+              lr, schedule, prior, bn_prior_weight, group_size, clamp)
+    if not isinstance(langevin, bool):
+        raise TypeError(f"cake: langevin must be a bool, got {type(langevin).__name__}")
+    if noise_std is not None:
+        _nonneg("noise_std", noise_std)
+    if contrastive_on not in ("logits", "probs"):
+        raise ValueError(f"cake: contrastive_on must be 'logits' or 'probs', got {contrastive_on!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"cake: seed must be a non-negative int, got {seed!r}")
+    input_shape = tuple(int(s) for s in input_shape)
+
+    if device is None:
+        p0 = next(iter(teacher.parameters()), None)
+        device = p0.device if p0 is not None else torch.device("cpu")
+    device = torch.device(device)
+    use_amp = (device.type == "cuda") if amp is None else bool(amp)
+
+    from ..distill import distributed_info
+
+    rank, world = distributed_info()
+    if distributed is False:
+        rank, world = 0, 1
+    elif distributed and world == 1:
+        raise RuntimeError("cake: distributed=True but torch.distributed is not initialised "
+                           "(run under torchrun or call torch.distributed.init_process_group)")
+
+    was_training = teacher.training
+    req = [p.requires_grad for p in teacher.parameters()]
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bn = None
+    try:
+        _probe(teacher, num_classes, input_shape, device)
+        if bn_prior_weight > 0:
+            bn = _BNPrior(teacher)
+            if not bn.layers:
+                raise ValueError("cake: bn_prior_weight > 0 needs a teacher with BatchNorm layers (with running "
+                                 "statistics); this teacher has none. CAKE does not need it: set bn_prior_weight=0.")
+        return _run(**locals())
+    finally:
+        if bn is not None:
+            bn.remove()
+        teacher.train(was_training)
+        for p, r in zip(teacher.parameters(), req):
+            p.requires_grad_(r)
+
+
+def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv, lr,
+         schedule, langevin, noise_std, prior, bn_prior_weight, contrastive_on, group_size, clamp, amp,
+         device, seed, progress, out_dir, backend, distributed, use_amp, rank, world, bn, **_):
+    num_batches = math.ceil(num_samples / batch_size)
+    sizes = [min(batch_size, num_samples - b * batch_size) for b in range(num_batches)]
+    lrs = step_sizes(num_batches, lr[0], lr[1], schedule)
+    method = "lake" if langevin else "cake"
+    config = dict(method=method, num_classes=num_classes, input_shape=list(input_shape),
+                  num_samples=num_samples, batch_size=batch_size, steps=steps, w_cls=w_cls, w_contr=w_contr,
+                  w_tv=w_tv, lr=list(lr), schedule=schedule, langevin=langevin, noise_std=noise_std,
+                  prior=prior if isinstance(prior, str) else getattr(prior, "__qualname__", "callable"),
+                  bn_prior_weight=bn_prior_weight, contrastive_on=contrastive_on, group_size=group_size,
+                  clamp=list(clamp) if clamp else None, amp=use_amp, seed=seed)
+    key_src = json.dumps(config, sort_keys=True) + teacher_fingerprint(teacher)
+    key = hashlib.sha1(key_src.encode()).hexdigest()
+    manifest = {"format": "fastkd.synthetic-shards/1", "key": key, "config": config,
+                "num_batches": num_batches, "teacher": teacher_fingerprint(teacher)}
+
+    done: set[int] = set()
+    if out_dir is not None:
+        if world > 1 and rank != 0:
+            _barrier()  # rank 0 checks and writes the manifest first
+        done = _prepare_out_dir(out_dir, manifest, rank)
+        if world > 1 and rank == 0:
+            _barrier()
+    mine = [b for b in range(num_batches) if b % world == rank]
+    todo = [b for b in mine if b not in done]
+
+    loss_fn = CAKELoss(w_cls, w_contr, 0.0, contrastive_on=contrastive_on, normalization="authors",
+                       group_size=group_size, backend=backend)
+    results: dict[int, tuple] = {}
+    bar = Progress(len(todo), f"synthesis [{method}]", enabled=progress and rank == 0, unit="batch")
+    if progress and rank == 0:
+        print(f"synthesis [{method}]: {num_samples} samples in {num_batches} batches of {batch_size}, "
+              f"{steps} steps, lr {lr[0]:g} -> {lr[1]:g} ({schedule}), seed {seed}, device {device}"
+              + (f", {world} ranks" if world > 1 else "")
+              + (f", resuming: {len(done)} batches already in {out_dir}" if done else ""),
+              file=sys.stderr, flush=True)
+    t_start = time.perf_counter()
+    work = 0
+    for b in todo:
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(_batch_seed(seed, b))
+        n = sizes[b]
+        x = _draw_prior(prior, (n, *input_shape), gen).to(device)
+        y, grp = class_prior_labels(n, num_classes, gen, group_size)
+        y, grp = y.to(device), grp.to(device)
+        eps = lrs[b]
+        std = 0.0 if not langevin else noise_std
+        for t in range(steps):
+            x = synthesis_step(teacher, x, y, grp, loss_fn, eps, noise_std=std, clamp=clamp, w_tv=w_tv,
+                               seed=_batch_seed(seed, b, t + 1), backend=backend, amp=use_amp,
+                               bn=bn, bn_prior_weight=bn_prior_weight, check_finite=(t == 0), batch=b)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            final = teacher(x).float()
+        if bn is not None:
+            bn.terms = []
+        if not (bool(torch.isfinite(final).all()) and bool(torch.isfinite(x).all())):
+            raise FloatingPointError(
+                f"cake: batch {b} diverged (NaN/Inf in the inputs or teacher outputs after {steps} steps at "
+                f"lr {eps:g}); lower lr or the loss weights. Batches already written are kept.")
+        probs = torch.softmax(final, 1).cpu()
+        xc, yc = x.cpu(), y.cpu()
+        dt = time.perf_counter() - t0
+        if out_dir is not None:
+            _write_shard(out_dir, b, key, xc, probs, yc, dt)
+        else:
+            results[b] = (xc, probs, yc)
+        work += n * steps
+        agree = (probs.argmax(1) == yc).float().mean().item()
+        bar.update(1, f"batch {b} lr {eps:.1e} agreement {100 * agree:.0f}%")
+    bar.close()
+    seconds = time.perf_counter() - t_start
+
+    if world > 1:
+        _barrier()
+        if out_dir is None:
+            import torch.distributed as dist
+
+            gathered = [None] * world
+            dist.all_gather_object(gathered, results)
+            results = {}
+            for r in gathered:
+                results.update(r)
+    if out_dir is not None:
+        ds = load_shards(out_dir)
+    else:
+        missing = [b for b in range(num_batches) if b not in results]
+        if missing:  # pragma: no cover - would be a sharding bug
+            raise RuntimeError(f"cake: batches {missing[:5]} were not synthesised")
+        xs, ps, ys = zip(*(results[b] for b in range(num_batches)))
+        ds = SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys))
+    ds.meta.update(config)
+    ds.meta.update(seconds=seconds, batches_done_here=len(todo), resumed_batches=len(done), world_size=world,
+                   throughput_sample_steps_per_s=(work / seconds if seconds > 0 else None),
+                   teacher_agreement=ds.teacher_agreement(), teacher=manifest["teacher"])
+    if progress and rank == 0:
+        print(f"synthesis [{method}]: done in {seconds:.1f}s "
+              f"({ds.meta['throughput_sample_steps_per_s'] or 0:.0f} sample-steps/s here), teacher agrees "
+              f"with the intended label on {100 * ds.teacher_agreement():.1f}% of samples",
+              file=sys.stderr, flush=True)
+    return ds
+
+
+def synthesis_step(teacher, x, y, groups, loss_fn, lr, *, noise_std=0.0, clamp=None, w_tv=0.0, seed=0,
+                   backend="auto", amp=False, bn=None, bn_prior_weight=0.0, check_finite=False, batch=0):
+    """One CAKE/LAKE step on x (returns the updated, detached x): teacher forward, the CAKE
+    loss (fused contrastive), input gradient by autograd, then the fused noisy step with
+    the TV prior's gradient added in the same kernel."""
+    x = x.detach().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = teacher(x)
+    logits = logits.float()
+    if check_finite and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(f"cake: the teacher returned NaN or Inf logits on batch {batch} "
+                                 "(first step); check the teacher, its input_shape and the prior")
+    loss = loss_fn(x, logits, y, groups)
+    if bn is not None:
+        loss = loss + bn_prior_weight * bn.take()
+    (g,) = torch.autograd.grad(loss, x)
+    x = x.detach()
+    ops.langevin_step_(x, g, lr, noise_std=noise_std, clamp=tuple(clamp) if clamp else None,
+                       tv_weight=w_tv, tv_p=1, seed=seed, backend=backend)
+    return x
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def lake(teacher: nn.Module, **kwargs) -> SyntheticDataset:
+    """LAKE: :func:`cake` with explicit Langevin noise (``langevin=True``)."""
+    kwargs["langevin"] = True
+    return cake(teacher, **kwargs)

@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd import distill, models
+from fastkd.nn import KDLoss, kd_loss, soft_cross_entropy
+from fastkd.synthesis import SyntheticDataset
+
+
+def test_kd_loss_matches_hinton():
+    s, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    tau = 3.0
+    ref = tau ** 2 * F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
+    assert torch.allclose(KDLoss(tau)(s, t).double(), ref, rtol=1e-5)
+    # probabilities as targets give the same loss
+    assert torch.allclose(kd_loss(s, t.softmax(1), tau, target="probs").double(), ref, rtol=1e-4)
+    assert kd_loss(s, t, tau, reduction="none").shape == (5,)
+
+
+def test_soft_ce_gradient_equals_kl_gradient():
+    s = torch.randn(6, 5, requires_grad=True)
+    p = torch.randn(6, 5).softmax(1)
+    (g1,) = torch.autograd.grad(soft_cross_entropy(s, p, 2.0), s)
+    (g2,) = torch.autograd.grad(kd_loss(s, p, 2.0, target="probs"), s)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_kd_bad_input():
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(0.0)
+    with pytest.raises(ValueError, match="shape"):
+        kd_loss(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="target"):
+        KDLoss(target="nope")
+
+
+def _tiny():
+    torch.manual_seed(0)
+    teacher = models.create("cnn", num_classes=10, in_channels=1, width=0.25).eval()
+    x = torch.randn(64, 1, 16, 16)
+    return teacher, x
+
+
+def test_train_student_on_synthetic_dataset_and_determinism():
+    teacher, x = _tiny()
+    ds = SyntheticDataset(x, distill.teacher_probs(teacher, x), torch.arange(64) % 10)
+    res = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        s = models.create("cnn_half", width=0.25)
+        h = distill.train_student(s, ds, epochs=2, batch_size=16, lr=0.05, eval_data=(x, ds.probs.argmax(1)),
+                                  progress=False, seed=3)
+        res.append((h.losses, [p.detach().clone() for p in s.parameters()]))
+    assert len(res[0][0]) == 2 and h.final_accuracy is not None
+    assert res[0][0] == res[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
+
+
+def test_train_student_learns_teacher():
+    teacher, x = _tiny()
+    x = torch.randn(512, 1, 16, 16)
+    torch.manual_seed(0)
+    s = models.create("cnn_half")
+    labels = distill.teacher_probs(teacher, x).argmax(1)
+    h = distill.train_student(s, x, teacher=teacher, epochs=6, batch_size=64, lr=0.1, loss="kl", temperature=2.0,
+                              eval_data=(x, labels), progress=False)
+    assert h.losses[-1] < h.losses[0]
+    assert h.final_accuracy > 0.5
+
+
+def test_train_student_dataloader_labelled_by_teacher():
+    teacher, x = _tiny()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    s = models.create("cnn_half", width=0.25)
+    h = distill.train_student(s, loader, teacher=teacher, epochs=1, progress=False)
+    assert len(h.epochs) == 1 and h.epochs[0]["loss"] > 0
+
+
+def test_train_student_bad_input():
+    teacher, x = _tiny()
+    s = models.create("cnn_half", width=0.25)
+    with pytest.raises(ValueError, match="teacher is required"):
+        distill.train_student(s, x, epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        distill.train_student(s, x, teacher=teacher, epochs=0)
+    with pytest.raises(ValueError, match="loss"):
+        distill.train_student(s, x, teacher=teacher, epochs=1, loss="mse")
+    with pytest.raises(TypeError, match="data must be"):
+        distill.train_student(s, [1, 2, 3], teacher=teacher, epochs=1)
+
+
+def test_evaluate_and_train_teacher_tiny():
+    x = torch.randn(40, 1, 16, 16)
+    y = torch.arange(40) % 10
+    m = models.create("cnn", width=0.25)
+    m, h = distill.train_teacher(m, data=(x, y, x, y), epochs=3, batch_size=8, progress=False)
+    acc = distill.evaluate(m, (x, y))
+    assert acc == h.final_accuracy and 0.0 <= acc <= 1.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    assert distill.evaluate(m, loader) == acc
