@@ -7,3 +7,9 @@ from .langevin import langevin_step_, langevin_step_reference, philox_normal  # 
 
 __all__ += ["cross_class_contrastive", "cross_class_contrastive_reference", "contrastive_num_pairs",
             "langevin_step_", "langevin_step_reference", "philox_normal"]
+from .image_distance import image_distance, image_distance_reference  # noqa: E402
+from .ot import (linear_assignment, pairwise_sqdist, pairwise_sqdist_reference,  # noqa: E402
+                 sliced_directions, wasserstein)
+
+__all__ += ["image_distance", "image_distance_reference", "pairwise_sqdist", "pairwise_sqdist_reference",
+            "wasserstein", "sliced_directions", "linear_assignment"]

@@ -1,0 +1,271 @@
+// Empirical optimal transport on the CPU: the pairwise squared-distance matrix, sliced
+// projections with directions generated on the fly, an assignment solver and log-domain
+// Sinkhorn iterations. The Python side (fastkd/ops/ot.py) defines what each computes.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastkd.h"
+#include "ot.h"
+
+namespace fastkd {
+namespace {
+
+// Relative threshold under which the GEMM form ||a||^2 + ||b||^2 - 2 a.b is not trusted
+// (it has cancelled) and the distance is recomputed directly from the differences.
+template <typename T> constexpr double cancel_tau() { return 1.0 / 64.0; }
+template <> constexpr double cancel_tau<double>() { return 1e-7; }
+
+template <typename ct>
+void row_sqnorms(const ct* x, int64_t R, int64_t D, double* out) {
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const ct* p = x + r * D;
+      double s = 0.0;
+      ct acc = 0;
+      for (int64_t i = 0; i < D; ++i) {  // blocks of fp32 sums, added in double
+        acc += p[i] * p[i];
+        if ((i & 1023) == 1023) { s += acc; acc = 0; }
+      }
+      out[r] = s + acc;
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor pairwise_sqdist_fwd_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
+  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(1),
+              "pairwise_sqdist: a (N, D) and b (M, D) expected");
+  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type() && at::isFloatingType(a_in.scalar_type()),
+              "pairwise_sqdist: a and b must be floating point of the same dtype");
+  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(), "pairwise_sqdist (cpp backend): CPU tensors expected");
+  const auto ct = a_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
+  const int64_t N = a.size(0), M = b.size(0), D = a.size(1);
+  // Centre both sets on their common mean: distances do not change, norms shrink, and
+  // the cancellation in the GEMM form shrinks with them.
+  const at::Tensor mu = ((a.sum(0, false, at::kDouble) + b.sum(0, false, at::kDouble)) /
+                         static_cast<double>(std::max<int64_t>(1, N + M))).to(ct);
+  const at::Tensor ac = a - mu, bc = b - mu;
+  at::Tensor G = at::mm(ac, bc.t());
+  std::vector<double> na(N), nb(M);
+  at::Tensor out = at::empty({N, M}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_sqdist_fwd_cpu", [&] {
+    row_sqnorms<scalar_t>(ac.const_data_ptr<scalar_t>(), N, D, na.data());
+    row_sqnorms<scalar_t>(bc.const_data_ptr<scalar_t>(), M, D, nb.data());
+    const scalar_t* gp = G.const_data_ptr<scalar_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const double tau = cancel_tau<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = 0; j < M; ++j) {
+          double d = na[i] + nb[j] - 2.0 * static_cast<double>(gp[i * M + j]);
+          if (d <= tau * (na[i] + nb[j])) {  // cancelled: recompute from the differences
+            const scalar_t* x = ap + i * D;
+            const scalar_t* y = bp + j * D;
+            double s = 0.0;
+            for (int64_t k = 0; k < D; ++k) {
+              const double t = static_cast<double>(x[k]) - static_cast<double>(y[k]);
+              s += t * t;
+            }
+            d = s;
+          }
+          op[i * M + j] = static_cast<scalar_t>(d > 0.0 ? d : 0.0);
+        }
+      }
+    });
+  });
+  return out.to(a_in.scalar_type());
+}
+
+namespace {
+constexpr int64_t kDChunk = 2048;
+
+// Z[l, k] = z(seed, l, d0 + k) * scale[l] for k < len, in the compute type.
+template <typename ct>
+void gen_dirs(ct* Z, int64_t L, int64_t d0, int64_t len, uint32_t seed, const double* scale,
+              double* sq) {
+  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const uint32_t key = ot_dir_key(seed, static_cast<uint32_t>(l));
+      ct* z = Z + l * len;
+      double s = 0.0;
+      for (int64_t k = 0; k < len; ++k) {
+        const float v = ot_normal(key, static_cast<uint32_t>(d0 + k));
+        s += static_cast<double>(v) * v;
+        z[k] = static_cast<ct>(v);
+      }
+      if (sq) sq[l] += s;
+      if (scale) for (int64_t k = 0; k < len; ++k) z[k] = static_cast<ct>(z[k] * scale[l]);
+    }
+  });
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sliced_project_cpu(const at::Tensor& x_in, int64_t L, int64_t seed) {
+  TORCH_CHECK(x_in.dim() == 2, "sliced_project: x (N, D) expected");
+  TORCH_CHECK(L > 0, "sliced_project: n_projections must be positive");
+  TORCH_CHECK(x_in.device().is_cpu(), "sliced_project (cpp backend): CPU tensor expected");
+  const auto ct = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = x_in.to(ct).contiguous();
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor proj = at::zeros({N, L}, x.options());
+  std::vector<double> sq(L, 0.0);
+  const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffULL);
+  AT_DISPATCH_FLOATING_TYPES(ct, "sliced_project_cpu", [&] {
+    at::Tensor Z = at::empty({L, std::min<int64_t>(D, kDChunk)}, x.options());
+    for (int64_t d0 = 0; d0 < D; d0 += kDChunk) {  // only an (L, chunk) slab is ever stored
+      const int64_t len = std::min<int64_t>(kDChunk, D - d0);
+      at::Tensor Zc = Z.narrow(1, 0, len);
+      if (len != Z.size(1)) Zc = Zc.contiguous();
+      gen_dirs<scalar_t>(Zc.mutable_data_ptr<scalar_t>(), L, d0, len, s32, nullptr, sq.data());
+      proj.addmm_(x.narrow(1, d0, len), Zc.t());
+    }
+  });
+  at::Tensor inv = at::empty({L}, x.options().dtype(at::kDouble));
+  double* ip = inv.mutable_data_ptr<double>();
+  for (int64_t l = 0; l < L; ++l) ip[l] = 1.0 / std::sqrt(sq[l]);
+  proj.mul_(inv.to(ct).unsqueeze(0));
+  return {proj.to(x_in.scalar_type()), inv.to(ct)};
+}
+
+at::Tensor sliced_backproject_cpu(const at::Tensor& g_in, const at::Tensor& inv_norm, int64_t D,
+                                  int64_t seed) {
+  TORCH_CHECK(g_in.dim() == 2 && inv_norm.dim() == 1 && inv_norm.size(0) == g_in.size(1),
+              "sliced_backproject: g (N, L) and inv_norm (L,) expected");
+  TORCH_CHECK(g_in.device().is_cpu(), "sliced_backproject (cpp backend): CPU tensor expected");
+  const auto ct = g_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = g_in.to(ct).contiguous();
+  const int64_t N = g.size(0), L = g.size(1);
+  const at::Tensor invd = inv_norm.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty({N, D}, g.options());
+  const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffULL);
+  AT_DISPATCH_FLOATING_TYPES(ct, "sliced_backproject_cpu", [&] {
+    at::Tensor Z = at::empty({L, std::min<int64_t>(D, kDChunk)}, g.options());
+    for (int64_t d0 = 0; d0 < D; d0 += kDChunk) {
+      const int64_t len = std::min<int64_t>(kDChunk, D - d0);
+      at::Tensor Zc = Z.narrow(1, 0, len);
+      if (len != Z.size(1)) Zc = Zc.contiguous();
+      gen_dirs<scalar_t>(Zc.mutable_data_ptr<scalar_t>(), L, d0, len, s32, invd.const_data_ptr<double>(), nullptr);
+      out.narrow(1, d0, len).copy_(at::mm(g, Zc));
+    }
+  });
+  return out.to(g_in.scalar_type());
+}
+
+// Minimum-cost perfect matching of a square cost matrix: shortest augmenting paths with
+// dual potentials (Jonker-Volgenant / Hungarian form, O(n^3)), in double precision.
+at::Tensor linear_assignment_cpu(const at::Tensor& cost_in) {
+  TORCH_CHECK(cost_in.dim() == 2 && cost_in.size(0) == cost_in.size(1),
+              "linear_assignment: a square cost matrix is expected");
+  TORCH_CHECK(cost_in.device().is_cpu(), "linear_assignment (cpp backend): CPU tensor expected");
+  const at::Tensor cost = cost_in.to(at::kDouble).contiguous();
+  const int64_t n = cost.size(0);
+  const double* c = cost.const_data_ptr<double>();
+  const double inf = std::numeric_limits<double>::infinity();
+  // 1-based rows/cols with 0 as the virtual start column, as in the classic formulation.
+  std::vector<double> u(n + 1, 0.0), v(n + 1, 0.0), minv(n + 1);
+  std::vector<int64_t> match(n + 1, 0), way(n + 1, 0);  // match[col] = row
+  std::vector<char> used(n + 1);
+  for (int64_t i = 1; i <= n; ++i) {
+    match[0] = i;
+    int64_t j0 = 0;
+    std::fill(minv.begin(), minv.end(), inf);
+    std::fill(used.begin(), used.end(), 0);
+    do {
+      used[j0] = 1;
+      const int64_t i0 = match[j0];
+      const double* row = c + (i0 - 1) * n - 1;  // row[j] = cost(i0, j), j 1-based
+      const double ui = u[i0];
+      double delta = inf;
+      int64_t j1 = 0;
+      for (int64_t j = 1; j <= n; ++j) {
+        if (used[j]) continue;
+        const double cur = row[j] - ui - v[j];
+        if (cur < minv[j]) { minv[j] = cur; way[j] = j0; }
+        if (minv[j] < delta) { delta = minv[j]; j1 = j; }
+      }
+      for (int64_t j = 0; j <= n; ++j) {
+        if (used[j]) { u[match[j]] += delta; v[j] -= delta; }
+        else minv[j] -= delta;
+      }
+      j0 = j1;
+    } while (match[j0] != 0);
+    do {
+      const int64_t j1 = way[j0];
+      match[j0] = match[j1];
+      j0 = j1;
+    } while (j0 != 0);
+  }
+  at::Tensor out = at::empty({n}, cost.options().dtype(at::kLong));
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  for (int64_t j = 1; j <= n; ++j) op[match[j] - 1] = j - 1;
+  return out;
+}
+
+// Log-domain Sinkhorn with one eps per iteration (the schedule), uniform weights.
+// f_i = -eps * log sum_j exp(log b_j + (g_j - C_ij) / eps), then the same for g.
+std::tuple<at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& C_in, const at::Tensor& eps_sched) {
+  TORCH_CHECK(C_in.dim() == 2, "sinkhorn_log: C (N, M) expected");
+  TORCH_CHECK(C_in.device().is_cpu(), "sinkhorn_log (cpp backend): CPU tensor expected");
+  const auto ct = C_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor C = C_in.to(ct).contiguous();
+  const at::Tensor CT = C.t().contiguous();
+  const int64_t N = C.size(0), M = C.size(1);
+  const at::Tensor sched = eps_sched.to(at::kDouble).contiguous();
+  const int64_t T = sched.numel();
+  at::Tensor f = at::zeros({N}, C.options()), g = at::zeros({M}, C.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sinkhorn_log_cpu", [&] {
+    using T_ = scalar_t;
+    const T_* cp = C.const_data_ptr<T_>();
+    const T_* ctp = CT.const_data_ptr<T_>();
+    T_* fp = f.mutable_data_ptr<T_>();
+    T_* gp = g.mutable_data_ptr<T_>();
+    const double* ep = sched.const_data_ptr<double>();
+    // x_i <- -eps * (logsumexp_j (y_j - K_ij) / eps + log w), w the uniform weight of the other side.
+    auto update = [&](const T_* K, const T_* y, T_* x, int64_t R, int64_t S, double eps) {
+      const T_ ie = static_cast<T_>(1.0 / eps);
+      const double logw = -std::log(static_cast<double>(S));
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T_* k = K + r * S;
+          T_ mx = -std::numeric_limits<T_>::infinity();
+          for (int64_t s = 0; s < S; ++s) mx = std::max(mx, (y[s] - k[s]) * ie);
+          T_ acc = 0;
+          for (int64_t s = 0; s < S; ++s) acc += std::exp((y[s] - k[s]) * ie - mx);
+          x[r] = static_cast<T_>(-eps * (static_cast<double>(mx) + std::log(static_cast<double>(acc)) + logw));
+        }
+      });
+    };
+    for (int64_t t = 0; t < T; ++t) {
+      update(cp, gp, fp, N, M, ep[t]);
+      update(ctp, fp, gp, M, N, ep[t]);
+    }
+  });
+  return {f, g};
+}
+
+}  // namespace fastkd
+
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  m.def("pairwise_sqdist_fwd(Tensor a, Tensor b) -> Tensor");
+  m.def("sliced_project(Tensor x, int n_projections, int seed) -> (Tensor, Tensor)");
+  m.def("sliced_backproject(Tensor g, Tensor inv_norm, int D, int seed) -> Tensor");
+  m.def("linear_assignment(Tensor cost) -> Tensor");
+  m.def("sinkhorn_log(Tensor C, Tensor eps_schedule) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("pairwise_sqdist_fwd", &fastkd::pairwise_sqdist_fwd_cpu);
+  m.impl("sliced_project", &fastkd::sliced_project_cpu);
+  m.impl("sliced_backproject", &fastkd::sliced_backproject_cpu);
+  m.impl("linear_assignment", &fastkd::linear_assignment_cpu);
+  m.impl("sinkhorn_log", &fastkd::sinkhorn_log_cpu);
+}

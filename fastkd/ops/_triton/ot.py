@@ -1,0 +1,172 @@
+"""Triton kernels of fastkd.ops.ot: the distance matrix as one GEMM with the norms fused in,
+and sliced projections whose random directions are generated inside the kernel."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ot import _fix_cancelled, _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup
+
+
+@triton.jit
+def _sqdist_kernel(a_ptr, b_ptr, mu_ptr, out_ptr, sum_ptr, N, M, D,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    # One (BM, BN) tile of ||a_i - mu||^2 + ||b_j - mu||^2 - 2 (a_i - mu).(b_j - mu): the row
+    # norms are accumulated from the same tiles the product reads (no extra pass).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    na = tl.zeros((BM,), dtype=ACC)
+    nb = tl.zeros((BN,), dtype=ACC)
+    for k0 in range(0, D, BK):
+        kk = k0 + rk
+        mk = kk < D
+        mu = tl.load(mu_ptr + kk, mask=mk, other=0.0).to(ACC)
+        am = (rm[:, None] < N) & mk[None, :]
+        bm = (rn[:, None] < M) & mk[None, :]
+        x = tl.load(a_ptr + rm[:, None].to(tl.int64) * D + kk[None, :], mask=am, other=0.0).to(ACC)
+        y = tl.load(b_ptr + rn[:, None].to(tl.int64) * D + kk[None, :], mask=bm, other=0.0).to(ACC)
+        x = tl.where(am, x - mu[None, :], 0.0)
+        y = tl.where(bm, y - mu[None, :], 0.0)
+        acc += tl.dot(x, tl.trans(y), input_precision="ieee")
+        na += tl.sum(x * x, axis=1)
+        nb += tl.sum(y * y, axis=1)
+    s = na[:, None] + nb[None, :]
+    d = s - 2.0 * acc
+    om = (rm[:, None] < N) & (rn[None, :] < M)
+    off = rm[:, None].to(tl.int64) * M + rn[None, :]
+    tl.store(out_ptr + off, d, mask=om)
+    tl.store(sum_ptr + off, s, mask=om)
+
+
+@torch.library.triton_op("fastkd_triton::pairwise_sqdist_fwd", mutates_args={})
+def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a2 = a.to(ct).contiguous()
+    b2 = b.to(ct).contiguous()
+    N, D = a2.shape
+    M = b2.shape[0]
+    mu = ((a2.sum(0, dtype=torch.float64) + b2.sum(0, dtype=torch.float64)) / (N + M)).to(ct)
+    d = torch.empty((N, M), dtype=ct, device=a.device)
+    s = torch.empty((N, M), dtype=ct, device=a.device)
+    BM, BN, BK = 32, 32, 32
+    torch.library.wrap_triton(_sqdist_kernel)[(triton.cdiv(N, BM), triton.cdiv(M, BN))](
+        a2, b2, mu, d, s, N, M, D, BM=BM, BN=BN, BK=BK,
+        ACC=tl.float64 if ct == torch.float64 else tl.float32)
+    d = _fix_cancelled(a2, b2, d, s)
+    return d.clamp_min(0.0).to(a.dtype)
+
+
+torch.library.register_autograd("fastkd_triton::pairwise_sqdist_fwd", _sqdist_backward,
+                                setup_context=_sqdist_setup)
+
+
+@triton.jit
+def _hash32(x):
+    # x: uint64 holding a uint32 value; the hash of csrc/ot.h.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _normals(key, d):
+    # key: (BL,) uint64 direction keys; d: (BK,) int64 coordinates -> (BL, BK) fp32 normals.
+    d2 = (d.to(tl.uint64) * 2) & 0xFFFFFFFF
+    h1 = _hash32(key[:, None] ^ d2[None, :])
+    h2 = _hash32(key[:, None] ^ (d2[None, :] + 1))
+    u1 = ((h1 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08
+    u2 = (h2 >> 8).to(tl.float32) * 5.9604644775390625e-08
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.2831853071795864 * u2)
+
+
+@triton.jit
+def _dir_keys(seed, l):
+    s = _hash32(seed.to(tl.uint64) & 0xFFFFFFFF)
+    return _hash32(s ^ ((l.to(tl.uint64) * 0x9E3779B9) & 0xFFFFFFFF))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L,
+                    BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rl = pid_l * BL + tl.arange(0, BL)
+    key = _dir_keys(seed, rl)
+    acc = tl.zeros((BM, BL), dtype=ACC)
+    sq = tl.zeros((BL,), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        mk = kk < D
+        z = _normals(key, kk.to(tl.int64))
+        z = tl.where(mk[None, :], z, 0.0)
+        sq += tl.sum(z * z, axis=1)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * D + kk[None, :],
+                    mask=(rm[:, None] < N) & mk[None, :], other=0.0).to(ACC)
+        acc += tl.dot(x, tl.trans(z.to(ACC)), input_precision="ieee")
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * L + rl[None, :], acc,
+             mask=(rm[:, None] < N) & (rl[None, :] < L))
+    if pid_m == 0:
+        tl.store(sq_ptr + rl, sq, mask=rl < L)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _backproject_kernel(g_ptr, inv_ptr, out_ptr, seed, N, D, L,
+                        BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    kk = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=ACC)
+    for l0 in range(0, L, BL):
+        rl = l0 + tl.arange(0, BL)
+        ml = rl < L
+        z = _normals(_dir_keys(seed, rl), kk.to(tl.int64)).to(ACC)
+        inv = tl.load(inv_ptr + rl, mask=ml, other=0.0).to(ACC)
+        z = z * inv[:, None]
+        g = tl.load(g_ptr + rm[:, None].to(tl.int64) * L + rl[None, :],
+                    mask=(rm[:, None] < N) & ml[None, :], other=0.0).to(ACC)
+        acc += tl.dot(g, z, input_precision="ieee")
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * D + kk[None, :], acc,
+             mask=(rm[:, None] < N) & (kk[None, :] < D))
+
+
+_BM, _BL, _BK = 16, 16, 64
+
+
+@torch.library.triton_op("fastkd_triton::sliced_project", mutates_args={})
+def sliced_project(x: torch.Tensor, n_projections: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2 = x.to(ct).contiguous()
+    N, D = x2.shape
+    L = n_projections
+    out = torch.empty((N, L), dtype=ct, device=x.device)
+    sq = torch.empty((L,), dtype=torch.float32, device=x.device)
+    torch.library.wrap_triton(_project_kernel)[(triton.cdiv(N, _BM), triton.cdiv(L, _BL))](
+        x2, out, sq, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
+        ACC=tl.float64 if ct == torch.float64 else tl.float32)
+    inv = torch.rsqrt(sq.to(ct))
+    return (out * inv).to(x.dtype), inv
+
+
+@torch.library.triton_op("fastkd_triton::sliced_backproject", mutates_args={})
+def sliced_backproject(g: torch.Tensor, inv_norm: torch.Tensor, D: int, seed: int) -> torch.Tensor:
+    ct = torch.float64 if g.dtype == torch.float64 else torch.float32
+    g2 = g.to(ct).contiguous()
+    N, L = g2.shape
+    out = torch.empty((N, D), dtype=ct, device=g.device)
+    torch.library.wrap_triton(_backproject_kernel)[(triton.cdiv(N, _BM), triton.cdiv(D, _BK))](
+        g2, inv_norm.to(ct).contiguous(), out, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
+        ACC=tl.float64 if ct == torch.float64 else tl.float32)
+    return out.to(g.dtype)
+
+
+torch.library.register_autograd("fastkd_triton::sliced_project", _make_project_backward(sliced_backproject),
+                                setup_context=_project_setup)
