@@ -103,14 +103,15 @@ def test_cli_distill_against_served_teacher(tmp_path, capsys):
     app = create_app(m, input_shape=[1, 16, 16], num_classes=10, name="digits", response="hard")
     with ServerThread(app) as srv:
         rc = mekd.cli_distill(["--method", "mekd", "--teacher-url", f"{srv.url}/v2/models/digits",
-                               "--response", "hard", "--budget", "1500", "--gan-steps", "3", "--epochs", "1",
+                               "--response", "hard", "--budget", "150", "--gan-steps", "3", "--epochs", "1",
+                               "--edge-fraction", "0.04",
                                "--out", str(tmp_path), "--quiet", "--cache", str(tmp_path / "c.sqlite")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "mekd" in out and "queries" in out
     s = json.loads((tmp_path / "summary.json").read_text())
     q = s["results"]["mekd"]["queries"]
-    assert q["queries_paid_total"] <= 1500 and app.state.stats["inference_count"] == q["queries_paid_total"]
+    assert q["queries_paid_total"] <= 150 and app.state.stats["inference_count"] == q["queries_paid_total"]
     assert os.path.exists(tmp_path / "samples.png")
 
 
@@ -118,12 +119,13 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     pytest.importorskip("uvicorn")
     monkeypatch.setattr(mekd, "digits_teacher",
                         lambda **kw: (tiny_teacher(), {"num_classes": 10, "input_shape": (1, 16, 16)}))
-    rc = mekd.cli_demo(["--method", "mekd", "--budget", "1400", "--gan-steps", "2", "--epochs", "1",
+    rc = mekd.cli_demo(["--method", "mekd", "--budget", "140", "--gan-steps", "2", "--epochs", "1",
+                        "--edge-fraction", "0.04",
                         "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["results"]) == {"mekd", "kd"}
-    assert s["server_answered"] <= 2 * 1400
+    assert s["server_answered"] <= 2 * 140
     for r in s["results"].values():
-        assert r["queries"]["queries_paid_total"] <= 1400 and r["queries"]["bytes_sent"] > 0
+        assert r["queries"]["queries_paid_total"] <= 140 and r["queries"]["bytes_sent"] > 0
     assert "teacher" in capsys.readouterr().out

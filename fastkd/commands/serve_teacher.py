@@ -5,47 +5,22 @@ import sys
 
 
 def load_model(spec: str, *, arch: str | None = None, num_classes: int | None = None,
-               input_shape=None, seed: int = 0):
-    """``(model, input_shape, num_classes)`` from a MODEL argument.
-
-    ``digits`` is the bundled digits teacher (trained on first use and kept in the
-    fastkd cache folder); otherwise a TorchScript file, a pickled ``nn.Module``, or a
-    checkpoint dict ``{"arch": NAME, "state_dict": ..., "num_classes": C, "input_shape": [...]}``
-    (``--arch`` names the architecture of a bare state_dict)."""
+               input_shape=None, in_channels: int | None = None):
+    """``(model, input_shape, num_classes)`` from a MODEL argument: ``digits`` (the bundled
+    digits teacher) or a teacher file read by :func:`fastkd.teachers.load_teacher`
+    (TorchScript, a fastkd checkpoint, or a state_dict with ``--arch``)."""
     import torch
 
-    if spec == "digits":
-        from fastkd.methods.mekd import digits_teacher
-        model, info = digits_teacher(seed=seed)
-        return model, list(info["input_shape"]), info["num_classes"]
+    from fastkd.teachers import load_teacher
+
     try:
-        model = torch.jit.load(spec, map_location="cpu")
-    except Exception:  # noqa: BLE001 - not TorchScript: try a plain checkpoint
-        try:
-            obj = torch.load(spec, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise SystemExit(f"serve-teacher: MODEL {spec!r} is neither 'digits' nor an existing file")
-        if isinstance(obj, torch.nn.Module):
-            model = obj
-        elif isinstance(obj, dict):
-            sd = obj.get("state_dict", obj)
-            name = obj.get("arch", arch)
-            if name is None:
-                raise SystemExit("serve-teacher: MODEL is a bare state_dict; name its architecture with --arch "
-                                 "(see fastkd.models.names())")
-            from fastkd import models
-            num_classes = num_classes or obj.get("num_classes", 10)
-            input_shape = input_shape or obj.get("input_shape")
-            in_ch = int(input_shape[0]) if input_shape else 1
-            model = models.create(name, num_classes=int(num_classes), in_channels=in_ch)
-            model.load_state_dict(sd)
-        else:
-            raise SystemExit(f"serve-teacher: cannot use {type(obj).__name__} from {spec!r} as a model")
-        if isinstance(obj, dict) and input_shape is None:
-            input_shape = obj.get("input_shape")
+        model, info = load_teacher(spec, model=arch, num_classes=num_classes,
+                                   in_channels=in_channels or (int(input_shape[0]) if input_shape else None))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"serve-teacher: {e}")
+    input_shape = input_shape or info.get("input_shape")
     if input_shape is None:
         raise SystemExit("serve-teacher: give the input shape of one sample, e.g. --input-shape 1,16,16")
-    model.eval()
     with torch.no_grad():
         out = model(torch.zeros([1] + list(input_shape)))
     c = int(out.shape[-1])
@@ -91,7 +66,7 @@ def register(sub) -> None:
                     "(the KServe v2 REST protocol of Triton, KServe and MLServer), answering with "
                     "probabilities (--response soft) or the top-1 label only (--response hard). "
                     "MODEL is 'digits' (the bundled digits teacher), a TorchScript file, or a "
-                    "checkpoint saved with torch.save.")
+                    "fastkd teacher checkpoint, or a state_dict (with --arch).")
     s.add_argument("model", metavar="MODEL", help="'digits', a TorchScript file or a torch.save checkpoint")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -46,7 +46,7 @@ from torch import nn
 METHOD = "mekd"
 
 __all__ = ["MEKDConfig", "Generator", "Discriminator", "deprivatize", "distill_student", "run_mekd",
-           "run_kd", "digits_teacher", "digits_edge", "shift_images", "teacher_scores", "image_matching",
+           "run_kd", "run_noise", "digits_teacher", "digits_edge", "shift_images", "teacher_scores", "image_matching",
            "cli_distill", "cli_demo"]
 
 
@@ -380,6 +380,25 @@ def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, ev
     return out
 
 
+def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
+              progress: bool = True, log=print) -> dict:
+    """The no-skill baseline (GUIDE.md): the whole budget on N(0, I) images, Hinton loss only."""
+    from fastkd import models
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
+    t = query_all(teacher, x, cfg.query_batch)
+    torch.manual_seed(cfg.seed)
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
+    out = {"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
+           "history": hist, "seconds": time.perf_counter() - t0, "student": student}
+    if eval_data is not None:
+        out["test_acc"] = hist["epochs"][-1]["test_acc"]
+    return out
+
+
 def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random rotation (+-15 degrees) and translation (+-1.5 px at 16 px) of each image."""
     n = x.shape[0]
@@ -394,30 +413,16 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- bundled default
-def _cache_dir() -> str:
-    d = os.environ.get("FASTKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastkd")
-    os.makedirs(d, exist_ok=True)
-    return d
+def digits_teacher(**_):
+    """The bundled digits teacher (``fastkd.teachers.digits_teacher``): ``(model, info)`` with
+    ``info["input_shape"]`` and ``info["num_classes"]``."""
+    from fastkd.teachers import digits_teacher as _bundled
 
-
-def digits_teacher(seed: int = 0, size: int = 16, progress: bool = False):
-    """The digits teacher (``fastkd.distill.train_teacher`` recipe), trained once and kept in
-    the fastkd cache folder (``$FASTKD_CACHE`` or ``~/.cache/fastkd``). Returns (model, info)."""
-    from fastkd import data, models
-    from fastkd.distill import train_teacher
-
-    info = data.digits_info(size)
-    path = os.path.join(_cache_dir(), f"digits_teacher_cnn_s{size}_seed{seed}.pt")
-    model = models.create("cnn", num_classes=info["num_classes"], in_channels=info["input_shape"][0])
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-    else:
-        model, _ = train_teacher(model, size=size, seed=seed, progress=progress)
-        tmp = path + f".{os.getpid()}.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    model.eval()
-    return model, info
+    model, info = _bundled()
+    info = dict(info)
+    info["input_shape"] = tuple(info.get("input_shape") or (1, 16, 16))
+    info["num_classes"] = int(info.get("num_classes") or 10)
+    return model.eval(), info
 
 
 def digits_edge(*, shift: str = "none", size: int = 16, seed: int = 0, fraction: float = 1.0):
@@ -450,7 +455,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None 
     for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
         ax.axis("off")
         if i < n:
-            ax.imshow(imgs[i, 0], cmap="gray")
+            ax.imshow(imgs[i, 0].numpy(), cmap="gray")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -467,6 +472,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=d.budget, help="maximum paid teacher queries (default: %(default)s)")
     p.add_argument("--shift", default="none", choices=["none", "rotate", "noise", "rotate+noise"],
                    help="distribution gap of the edge data against the teacher's data (default: %(default)s)")
+    p.add_argument("--edge-fraction", type=float, default=1.0,
+                   help="part of the digits train split used as edge data (default: all of it)")
     p.add_argument("--tau", type=float, default=d.tau, help="temperature (default: %(default)s)")
     p.add_argument("--w-img", type=float, default=d.w_img, help="weight of the image-matching term (default: %(default)s)")
     p.add_argument("--w-kl", type=float, default=d.w_kl, help="weight of the tau^2 KL term (default: %(default)s)")
@@ -507,7 +514,7 @@ def _log(s: str) -> None:
 def _run(args, url: str, model_name: str | None, ident: str) -> dict:
     from fastkd.blackbox import BlackBoxTeacher
 
-    edge, test = digits_edge(shift=args.shift, seed=args.seed)
+    edge, test = digits_edge(shift=args.shift, seed=args.seed, fraction=args.edge_fraction)
     os.makedirs(args.out, exist_ok=True)
     cfg = _cfg(args)
     rows, results = [], {}
@@ -575,8 +582,7 @@ def cli_demo(argv) -> int:
     from fastkd.distill import evaluate
     from fastkd.serve import ServerThread, create_app
 
-    _log("[mekd] preparing the digits teacher (trained once, then cached)")
-    model, info = digits_teacher(progress=not args.quiet)
+    model, info = digits_teacher()
     _, test = digits_edge(seed=args.seed)
     acc_t = evaluate(model, test)
     app = create_app(model, input_shape=info["input_shape"], num_classes=info["num_classes"], name="digits",
