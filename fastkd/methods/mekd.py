@@ -179,6 +179,7 @@ class MEKDConfig:
     student: str = "cnn_half"
     epochs: int = 10
     batch_size: int = 128
+    edge_weight: float = 0.5
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -255,11 +256,27 @@ def query_all(teacher, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- step 2
+def _batches(n: int, n_edge: int, bs: int, edge_weight: float, gen: torch.Generator):
+    """Index batches for one epoch (n // bs + 1 batches): a fraction ``edge_weight`` of each
+    batch from the first ``n_edge`` samples (the edge images), the rest from the others."""
+    if not (0 < n_edge < n) or edge_weight <= 0:
+        perm = torch.randperm(n, generator=gen)
+        return [perm[i:i + bs] for i in range(0, n, bs)]
+    k = max(1, int(round(bs * edge_weight)))
+    steps = math.ceil(n / bs)
+    e = torch.cat([torch.randperm(n_edge, generator=gen) for _ in range(math.ceil(steps * k / n_edge))])
+    r = n_edge + torch.cat([torch.randperm(n - n_edge, generator=gen)
+                            for _ in range(math.ceil(steps * (bs - k) / (n - n_edge)))])
+    return [torch.cat([e[i * k:(i + 1) * k], r[i * (bs - k):(i + 1) * (bs - k)]]) for i in range(steps)]
+
+
 def distill_student(student: nn.Module, x: torch.Tensor, t: torch.Tensor, *, G: nn.Module | None,
-                    cfg: MEKDConfig, eval_data=None, progress: bool = True, log=print) -> dict:
+                    cfg: MEKDConfig, eval_data=None, progress: bool = True, log=print, n_edge: int = 0) -> dict:
     """Train ``student`` on the fixed transfer set (x, teacher answers t).
 
-    ``G=None`` or ``w_img=0`` gives plain Hinton KD (the baseline)."""
+    The first ``n_edge`` samples are the edge images: a fraction ``cfg.edge_weight`` of
+    every batch is drawn from them (so a large generated part cannot drown the real
+    images). ``G=None`` or ``w_img=0`` gives plain Hinton KD (the baseline)."""
     from fastkd.distill import evaluate
     from fastkd.nn import KDLoss
 
@@ -276,10 +293,8 @@ def distill_student(student: nn.Module, x: torch.Tensor, t: torch.Tensor, *, G: 
     t0 = time.perf_counter()
     for ep in range(cfg.epochs):
         student.train()
-        perm = torch.randperm(x.shape[0], generator=gen)
         tot = tot_img = 0.0
-        for i in range(0, x.shape[0], cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+        for idx in _batches(x.shape[0], n_edge, cfg.batch_size, cfg.edge_weight, gen):
             s = student(x[idx])
             ts = scores[idx]
             loss = cfg.w_kl * kd(s, ts)
@@ -343,7 +358,8 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
             f"{xs.shape[0]} generated = {x.shape[0]} answered images")
     torch.manual_seed(cfg.seed)
     student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
-    hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
+    hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
+                           n_edge=e.shape[0])
     out = {"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
            "deprivatization": int(xg.shape[0]), "generated": int(xs.shape[0])},
            "history": hist, "seconds": time.perf_counter() - t0, "seconds_deprivatization": t_gan,
@@ -371,7 +387,8 @@ def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, ev
     t = query_all(teacher, x, cfg.query_batch)
     torch.manual_seed(cfg.seed)
     student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
-    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
+    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
+                           n_edge=e.shape[0])
     out = {"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
            "augmented": int(x.shape[0] - e.shape[0])}, "history": hist,
            "seconds": time.perf_counter() - t0, "student": student}
