@@ -1,0 +1,617 @@
+"""MEKD: black-box distillation by aligning generated images (papers/000, GUIDE.md section 2).
+
+The teacher is reached only through :class:`fastkd.blackbox.BlackBoxTeacher` (soft
+probabilities or hard top-1 labels, a query budget, a cache). Only unlabeled local "edge"
+images are available. Two steps:
+
+1. **Deprivatization.** A DCGAN-style generator ``G: R^C -> image`` whose latent is a
+   class-score vector (a centred logit vector, ``v ~ N(0, I)`` projected to zero mean) is
+   trained adversarially against the edge images (Adam 2e-4, betas (0.5, 0.999), batch 64),
+   plus the information term ``w_info * mean_i(-c_i * log D(G(v_i)))`` where ``c_i`` is the
+   teacher's *confidence* on ``G(v_i)`` -- by default its probability of the latent's own
+   top class (``confidence="latent"``; ``"max"`` uses the teacher's top probability). The
+   released code weights by the argmax class *index* instead: a bug we do not copy.
+   The information term needs teacher answers: ``info_per_step`` samples of each batch
+   are queried; every answered (image, response) pair joins the transfer set.
+2. **Distillation.** G frozen. For a query x with teacher answer t and student logits s:
+   ``loss = w_img * ImageMatchingLoss(G(s / tau), G(t / tau)) + w_kl * tau^2 * KL(t/tau || s/tau)``
+   with the paired L1 by default (the released code; ``metric="wasserstein-exact"`` etc.
+   select an empirical Wasserstein distance). The teacher's answer is turned into a score
+   vector: log-probabilities for soft responses (logits up to a constant), the one-hot
+   vector for hard ones (as in the released code); G sees centred scores.
+
+Query budget (one query = one image): the edge images are queried once, the information
+term spends ``info_per_step * gan_steps``, and the rest of the budget buys images G makes
+from random class-score vectors after training. The student then trains for several
+epochs on that fixed transfer set: the budget is never exceeded and answers are cached
+(``--cache``), so an interrupted run resumes without paying twice.
+
+Defaults (GUIDE.md): tau 5, w_img = w_kl = 1, SGD lr 0.1 momentum 0.9 weight decay 5e-4
+(cosine schedule here), DCGAN Adam 2e-4 (0.5, 0.999) batch 64, w_info 0.5 (released code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHOD = "mekd"
+
+__all__ = ["MEKDConfig", "Generator", "Discriminator", "deprivatize", "distill_student", "run_mekd",
+           "run_kd", "run_noise", "digits_teacher", "digits_edge", "shift_images", "teacher_scores", "image_matching",
+           "cli_distill", "cli_demo"]
+
+
+# ----------------------------------------------------------------------------- networks
+class Generator(nn.Module):
+    """DCGAN-style generator from a class-score vector (C,) to an image (channels, H, W).
+
+    The scores are centred (softmax-invariant); the output ``tanh`` is mapped affinely to
+    ``[lo, hi]`` (the edge data's pixel range). H and W must be divisible by 4."""
+
+    def __init__(self, num_classes: int, img_shape=(1, 16, 16), ngf: int = 64, lo: float = -1.0,
+                 hi: float = 1.0) -> None:
+        super().__init__()
+        c, h, w = img_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"Generator: image height and width must be divisible by 4, got {img_shape}")
+        self.img_shape, self.h0, self.w0, self.ngf = tuple(img_shape), h // 4, w // 4, ngf
+        self.fc = nn.Linear(num_classes, 2 * ngf * self.h0 * self.w0)
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(2 * ngf), nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, 1, 1), nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf, ngf // 2, 3, 1, 1), nn.BatchNorm2d(ngf // 2), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf // 2, c, 3, 1, 1), nn.Tanh())
+        self.register_buffer("lo", torch.tensor(float(lo)))
+        self.register_buffer("hi", torch.tensor(float(hi)))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = v - v.mean(dim=1, keepdim=True)
+        out = self.net(self.fc(v).view(v.shape[0], 2 * self.ngf, self.h0, self.w0))
+        return self.lo + (out + 1) * 0.5 * (self.hi - self.lo)
+
+
+class Discriminator(nn.Module):
+    """DCGAN-style discriminator: strided 3x3 convolutions, LeakyReLU, a logit."""
+
+    def __init__(self, img_shape=(1, 16, 16), ndf: int = 16) -> None:
+        super().__init__()
+        c, h, w = img_shape
+        layers, cin = [], c
+        for i, cout in enumerate((ndf, 2 * ndf, 4 * ndf)):
+            layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.LeakyReLU(0.2, inplace=True), nn.Dropout2d(0.25)]
+            if i:
+                layers.append(nn.BatchNorm2d(cout))
+            cin = cout
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            n = self.net(torch.zeros(2, c, h, w)).shape[1]
+        self.head = nn.Linear(n, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x)).squeeze(1)
+
+
+def _init_dcgan(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- pieces
+def teacher_scores(answer: torch.Tensor, response: str) -> torch.Tensor:
+    """Score vector of a teacher answer: log-probabilities (soft) or the one-hot itself (hard)."""
+    if response == "soft":
+        return torch.log(answer.float().clamp_min(1e-8))
+    return answer.float()
+
+
+def _paired_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().flatten(1).mean(1).mean()
+
+
+def image_matching(metric: str = "l1"):
+    """The image distance D(a, b) of the distillation loss (fastkd.nn.ImageMatchingLoss)."""
+    try:
+        from fastkd.nn import ImageMatchingLoss
+    except ImportError:  # the op is not built into this tree: paired L1 only
+        if metric != "l1":
+            raise ValueError(f"image metric {metric!r} needs fastkd.nn.ImageMatchingLoss; only 'l1' is available")
+        return _paired_l1
+    return ImageMatchingLoss(metric=metric)
+
+
+def latent_prior(n: int, num_classes: int, gen: torch.Generator, device=None) -> torch.Tensor:
+    """Random class-score vectors: N(0, I) logits, centred (G centres them anyway)."""
+    v = torch.randn(n, num_classes, generator=gen)
+    return (v - v.mean(1, keepdim=True)).to(device or "cpu")
+
+
+def shift_images(x: torch.Tensor, *, rotate: float = 0.0, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Model an edge/cloud distribution gap: random rotations in [-rotate, rotate] degrees and
+    additive Gaussian noise of std ``noise`` (in normalised pixel units), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    out = x.clone()
+    if rotate:
+        ang = (torch.rand(x.shape[0], generator=g) * 2 - 1) * math.radians(rotate)
+        cos, sin = ang.cos(), ang.sin()
+        theta = torch.zeros(x.shape[0], 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        bg = x.amin(dim=(1, 2, 3), keepdim=True)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x - bg, grid, align_corners=False, padding_mode="zeros") + bg
+    if noise:
+        out = out + noise * torch.randn(out.shape, generator=g)
+    return out.contiguous()
+
+
+@dataclass
+class MEKDConfig:
+    """Every knob of :func:`run_mekd` (defaults: GUIDE.md section 2, scaled to a CPU run)."""
+    budget: int = 20000
+    response: str = "soft"
+    tau: float = 5.0
+    w_img: float = 1.0
+    w_kl: float = 1.0
+    metric: str = "l1"
+    # deprivatization
+    gan_steps: int = 800
+    gan_batch: int = 64
+    gan_lr: float = 2e-4
+    gan_betas: tuple = (0.5, 0.999)
+    ngf: int = 32
+    ndf: int = 16
+    w_info: float = 0.5
+    info_per_step: int = 4
+    confidence: str = "latent"
+    # distillation
+    student: str = "cnn_half"
+    epochs: int = 10
+    batch_size: int = 128
+    edge_weight: float = 0.5
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    query_batch: int = 256
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- step 1
+def deprivatize(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, progress: bool = True,
+                log=print):
+    """Train G adversarially on the edge images plus the confidence-weighted information term.
+
+    Returns ``(G, xs, ts)``: the frozen generator and the (image, answer) pairs the
+    information term paid for."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    shape = tuple(edge.shape[1:])
+    lo, hi = float(edge.min()), float(edge.max())
+    G = Generator(num_classes, shape, ngf=cfg.ngf, lo=lo, hi=hi)
+    D = Discriminator(shape, ndf=cfg.ndf)
+    G.apply(_init_dcgan)
+    D.apply(_init_dcgan)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.gan_lr, betas=tuple(cfg.gan_betas))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.gan_lr, betas=tuple(cfg.gan_betas))
+    bce = nn.BCEWithLogitsLoss()
+    xs, ts = [], []
+    t0 = time.perf_counter()
+    every = max(1, cfg.gan_steps // 10)
+    for step in range(cfg.gan_steps):
+        idx = torch.randint(0, edge.shape[0], (cfg.gan_batch,), generator=gen)
+        real = edge[idx]
+        n = real.shape[0]
+        # discriminator
+        v = latent_prior(n, num_classes, gen)
+        fake = G(v)
+        d_loss = bce(D(real), torch.ones(n)) + bce(D(fake.detach()), torch.zeros(n))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        # generator: adversarial + information term on the queried part of the batch
+        v = latent_prior(n, num_classes, gen)
+        fake = G(v)
+        logit_fake = D(fake)
+        g_loss = bce(logit_fake, torch.ones(n))
+        k = min(cfg.info_per_step, n)
+        if k and cfg.w_info:
+            xq = fake[:k].detach()
+            tq = teacher(xq)  # paid queries: no gradient flows through the teacher
+            xs.append(xq.clone())
+            ts.append(tq.clone())
+            if cfg.confidence == "latent":
+                conf = tq.gather(1, v[:k].argmax(1, keepdim=True)).squeeze(1)
+            else:
+                conf = tq.max(1).values
+            g_info = -(conf * F.logsigmoid(logit_fake[:k])).mean()
+            g_loss = g_loss + cfg.w_info * g_info
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        if progress and ((step + 1) % every == 0 or step + 1 == cfg.gan_steps):
+            log(f"[mekd] deprivatize {step + 1}/{cfg.gan_steps}: D loss {d_loss.item():.3f} "
+                f"G loss {g_loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    G.eval()
+    for p in G.parameters():
+        p.requires_grad_(False)
+    if xs:
+        return G, torch.cat(xs), torch.cat(ts)
+    return G, edge[:0], torch.zeros(0, num_classes)
+
+
+def query_all(teacher, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([teacher(x[i:i + batch]) for i in range(0, x.shape[0], batch)]) if len(x) else \
+        torch.zeros(0, teacher.num_classes or 0)
+
+
+# ----------------------------------------------------------------------------- step 2
+def _batches(n: int, n_edge: int, bs: int, edge_weight: float, gen: torch.Generator):
+    """Index batches for one epoch (n // bs + 1 batches): a fraction ``edge_weight`` of each
+    batch from the first ``n_edge`` samples (the edge images), the rest from the others."""
+    if not (0 < n_edge < n) or edge_weight <= 0:
+        perm = torch.randperm(n, generator=gen)
+        return [perm[i:i + bs] for i in range(0, n, bs)]
+    k = max(1, int(round(bs * edge_weight)))
+    steps = math.ceil(n / bs)
+    e = torch.cat([torch.randperm(n_edge, generator=gen) for _ in range(math.ceil(steps * k / n_edge))])
+    r = n_edge + torch.cat([torch.randperm(n - n_edge, generator=gen)
+                            for _ in range(math.ceil(steps * (bs - k) / (n - n_edge)))])
+    return [torch.cat([e[i * k:(i + 1) * k], r[i * (bs - k):(i + 1) * (bs - k)]]) for i in range(steps)]
+
+
+def distill_student(student: nn.Module, x: torch.Tensor, t: torch.Tensor, *, G: nn.Module | None,
+                    cfg: MEKDConfig, eval_data=None, progress: bool = True, log=print, n_edge: int = 0) -> dict:
+    """Train ``student`` on the fixed transfer set (x, teacher answers t).
+
+    The first ``n_edge`` samples are the edge images: a fraction ``cfg.edge_weight`` of
+    every batch is drawn from them (so a large generated part cannot drown the real
+    images). ``G=None`` or ``w_img=0`` gives plain Hinton KD (the baseline)."""
+    from fastkd.distill import evaluate
+    from fastkd.nn import KDLoss
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    kd = KDLoss(temperature=cfg.tau, target="logits")
+    dist = image_matching(cfg.metric) if (G is not None and cfg.w_img) else None
+    scores = teacher_scores(t, cfg.response)
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=True)
+    steps = cfg.epochs * math.ceil(x.shape[0] / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps))
+    hist = []
+    t0 = time.perf_counter()
+    for ep in range(cfg.epochs):
+        student.train()
+        tot = tot_img = 0.0
+        for idx in _batches(x.shape[0], n_edge, cfg.batch_size, cfg.edge_weight, gen):
+            s = student(x[idx])
+            ts = scores[idx]
+            loss = cfg.w_kl * kd(s, ts)
+            if dist is not None:
+                with torch.no_grad():
+                    img_t = G(ts / cfg.tau)
+                li = dist(G(s / cfg.tau), img_t)
+                loss = loss + cfg.w_img * li
+                tot_img += li.item() * idx.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * idx.numel()
+        rec = {"epoch": ep + 1, "loss": tot / x.shape[0], "img_loss": tot_img / x.shape[0]}
+        if eval_data is not None:
+            rec["test_acc"] = evaluate(student, eval_data)
+        hist.append(rec)
+        if progress:
+            log(f"[mekd] student epoch {ep + 1}/{cfg.epochs}: loss {rec['loss']:.4f}"
+                + (f" test acc {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else "")
+                + f" ({time.perf_counter() - t0:.0f} s)")
+    student.eval()
+    return {"epochs": hist, "seconds": time.perf_counter() - t0}
+
+
+def _edge_subset(teacher, edge, budget):
+    n = min(edge.shape[0], budget if budget is not None else edge.shape[0])
+    return edge[:n]
+
+
+def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
+             progress: bool = True, log=print) -> dict:
+    """Deprivatization, transfer-set queries and distillation; returns a summary dict
+    (``"student"`` and ``"generator"`` hold the models)."""
+    from fastkd import models
+
+    t0 = time.perf_counter()
+    budget = cfg.budget
+    # 1. the edge images, answered once
+    e = _edge_subset(teacher, edge, budget)
+    te = query_all(teacher, e, cfg.query_batch)
+    # 2. deprivatization (its information term spends info_per_step per step)
+    left = None if budget is None else budget - e.shape[0]
+    steps_info = cfg.info_per_step * cfg.gan_steps
+    if left is not None and steps_info > left // 2:
+        cfg = MEKDConfig(**{**asdict(cfg), "info_per_step": max(0, (left // 2) // max(1, cfg.gan_steps))})
+    G, xg, tg = deprivatize(teacher, edge, num_classes=num_classes, cfg=cfg, progress=progress, log=log)
+    t_gan = time.perf_counter() - t0
+    # 3. the rest of the budget buys images of the frozen G
+    n_syn = (budget - e.shape[0] - xg.shape[0]) if budget is not None else 4 * edge.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    with torch.no_grad():
+        xs = torch.cat([G(latent_prior(min(1024, n_syn - i), num_classes, gen))
+                        for i in range(0, max(0, n_syn), 1024)]) if n_syn > 0 else edge[:0]
+    ts = query_all(teacher, xs, cfg.query_batch)
+    x = torch.cat([e, xg, xs])
+    t = torch.cat([te, tg, ts])
+    if progress:
+        log(f"[mekd] transfer set: {e.shape[0]} edge + {xg.shape[0]} from deprivatization + "
+            f"{xs.shape[0]} generated = {x.shape[0]} answered images")
+    torch.manual_seed(cfg.seed)
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
+                           n_edge=e.shape[0])
+    out = {"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
+           "deprivatization": int(xg.shape[0]), "generated": int(xs.shape[0])},
+           "history": hist, "seconds": time.perf_counter() - t0, "seconds_deprivatization": t_gan,
+           "student": student, "generator": G, "samples": xs[:64] if len(xs) else xg[:64]}
+    if eval_data is not None:
+        out["test_acc"] = hist["epochs"][-1]["test_acc"]
+    return out
+
+
+def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
+           augment: bool = True, progress: bool = True, log=print) -> dict:
+    """Plain KD baseline on the same edge data and budget: the edge images, then randomly
+    shifted/rotated copies of them until the budget is spent; Hinton loss only."""
+    from fastkd import models
+
+    t0 = time.perf_counter()
+    e = _edge_subset(teacher, edge, cfg.budget)
+    xs = [e]
+    if augment and cfg.budget is not None and cfg.budget > e.shape[0]:
+        extra = cfg.budget - e.shape[0]
+        g = torch.Generator().manual_seed(cfg.seed + 5)
+        idx = torch.randint(0, edge.shape[0], (extra,), generator=g)
+        xs.append(_jitter(edge[idx], g))
+    x = torch.cat(xs)
+    t = query_all(teacher, x, cfg.query_batch)
+    torch.manual_seed(cfg.seed)
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
+                           n_edge=e.shape[0])
+    out = {"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
+           "augmented": int(x.shape[0] - e.shape[0])}, "history": hist,
+           "seconds": time.perf_counter() - t0, "student": student}
+    if eval_data is not None:
+        out["test_acc"] = hist["epochs"][-1]["test_acc"]
+    return out
+
+
+def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
+              progress: bool = True, log=print) -> dict:
+    """The no-skill baseline (GUIDE.md): the whole budget on N(0, I) images, Hinton loss only."""
+    from fastkd import models
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
+    t = query_all(teacher, x, cfg.query_batch)
+    torch.manual_seed(cfg.seed)
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
+    out = {"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
+           "history": hist, "seconds": time.perf_counter() - t0, "student": student}
+    if eval_data is not None:
+        out["test_acc"] = hist["epochs"][-1]["test_acc"]
+    return out
+
+
+def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random rotation (+-15 degrees) and translation (+-1.5 px at 16 px) of each image."""
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
+    sh = (torch.rand(n, 2, generator=g) * 2 - 1) * (3.0 / x.shape[-1])
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
+    theta[:, :, 2] = sh
+    bg = x.amin(dim=(1, 2, 3), keepdim=True)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return (F.grid_sample(x - bg, grid, align_corners=False) + bg).contiguous()
+
+
+# ----------------------------------------------------------------------------- bundled default
+def digits_teacher(**_):
+    """The bundled digits teacher (``fastkd.teachers.digits_teacher``): ``(model, info)`` with
+    ``info["input_shape"]`` and ``info["num_classes"]``."""
+    from fastkd.teachers import digits_teacher as _bundled
+
+    model, info = _bundled()
+    info = dict(info)
+    info["input_shape"] = tuple(info.get("input_shape") or (1, 16, 16))
+    info["num_classes"] = int(info.get("num_classes") or 10)
+    return model.eval(), info
+
+
+def digits_edge(*, shift: str = "none", size: int = 16, seed: int = 0, fraction: float = 1.0):
+    """``(edge_images, (x_test, y_test))``: the unlabeled edge data is the digits train split
+    (disjoint from the test split; ``fraction`` keeps a part of it), optionally shifted:
+    ``"rotate"`` (+-30 degrees), ``"noise"`` (std 0.5) or ``"rotate+noise"``."""
+    from fastkd import data
+
+    x_tr, _, x_te, y_te = data.digits(size)
+    if fraction < 1.0:
+        g = torch.Generator().manual_seed(1000 + seed)
+        x_tr = x_tr[torch.randperm(x_tr.shape[0], generator=g)[:max(1, int(round(fraction * x_tr.shape[0])))]]
+    if shift not in ("none", "rotate", "noise", "rotate+noise"):
+        raise ValueError(f"shift must be 'none', 'rotate', 'noise' or 'rotate+noise', got {shift!r}")
+    rot = 30.0 if "rotate" in shift else 0.0
+    noise = 0.5 if "noise" in shift else 0.0
+    edge = shift_images(x_tr, rotate=rot, noise=noise, seed=seed) if shift != "none" else x_tr
+    return edge, (x_te, y_te)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = images[: nrow * nrow].detach().cpu()
+    n = imgs.shape[0]
+    rows = math.ceil(n / nrow)
+    fig, axes = plt.subplots(rows, nrow, figsize=(nrow * 0.9, rows * 0.9 + (0.4 if title else 0)))
+    for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(imgs[i, 0].numpy(), cmap="gray")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _common_args(p: argparse.ArgumentParser) -> None:
+    d = MEKDConfig()
+    p.add_argument("--method", default=METHOD, help=argparse.SUPPRESS)
+    p.add_argument("--response", choices=["soft", "hard"], default=d.response,
+                   help="what the teacher answers: probabilities or the top-1 label (default: %(default)s)")
+    p.add_argument("--budget", type=int, default=d.budget, help="maximum paid teacher queries (default: %(default)s)")
+    p.add_argument("--shift", default="none", choices=["none", "rotate", "noise", "rotate+noise"],
+                   help="distribution gap of the edge data against the teacher's data (default: %(default)s)")
+    p.add_argument("--edge-fraction", type=float, default=1.0,
+                   help="part of the digits train split used as edge data (default: all of it)")
+    p.add_argument("--tau", type=float, default=d.tau, help="temperature (default: %(default)s)")
+    p.add_argument("--w-img", type=float, default=d.w_img, help="weight of the image-matching term (default: %(default)s)")
+    p.add_argument("--w-kl", type=float, default=d.w_kl, help="weight of the tau^2 KL term (default: %(default)s)")
+    p.add_argument("--metric", default=d.metric,
+                   help="image distance: l1 (paired, default), l2, wasserstein-exact, wasserstein-sinkhorn, "
+                        "wasserstein-sliced")
+    p.add_argument("--gan-steps", type=int, default=d.gan_steps, help="deprivatization steps (default: %(default)s)")
+    p.add_argument("--info-per-step", type=int, default=d.info_per_step,
+                   help="teacher queries per deprivatization step for the information term (default: %(default)s)")
+    p.add_argument("--w-info", type=float, default=d.w_info, help="weight of the information term (default: %(default)s)")
+    p.add_argument("--confidence", choices=["latent", "max"], default=d.confidence,
+                   help="information-term weight: the teacher's probability of the latent's class, or its top "
+                        "probability (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="student epochs over the transfer set (default: %(default)s)")
+    p.add_argument("--student", default=d.student, help="student model name (fastkd.models; default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="student SGD learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (default: %(default)s)")
+    p.add_argument("--cache", help="SQLite answer cache + budget ledger (reruns and resumes never pay twice)")
+    p.add_argument("--max-batch", type=int, default=256, help="samples per teacher request (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per teacher request (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=5, help="retries per request (default: %(default)s)")
+    p.add_argument("--baseline", action="store_true", help="also train plain KD on the same edge data and budget")
+    p.add_argument("--out", default="fastkd_out/mekd", help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _cfg(args) -> MEKDConfig:
+    return MEKDConfig(budget=args.budget, response=args.response, tau=args.tau, w_img=args.w_img, w_kl=args.w_kl,
+                      metric=args.metric, gan_steps=args.gan_steps, info_per_step=args.info_per_step,
+                      w_info=args.w_info, confidence=args.confidence, epochs=args.epochs, student=args.student,
+                      lr=args.lr, seed=args.seed, query_batch=args.max_batch)
+
+
+def _log(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def _run(args, url: str, model_name: str | None, ident: str) -> dict:
+    from fastkd.blackbox import BlackBoxTeacher
+
+    edge, test = digits_edge(shift=args.shift, seed=args.seed, fraction=args.edge_fraction)
+    os.makedirs(args.out, exist_ok=True)
+    cfg = _cfg(args)
+    rows, results = [], {}
+    todo = [("mekd", run_mekd)] + ([("kd", run_kd)] if args.baseline else [])
+    for name, fn in todo:
+        cache = args.cache
+        if cache and len(todo) > 1:
+            cache = f"{os.path.splitext(cache)[0]}.{name}.sqlite"
+        teacher = BlackBoxTeacher(url=url, model_name=model_name, response=args.response, budget=args.budget,
+                                  max_batch=args.max_batch, timeout=args.timeout, retries=args.retries,
+                                  cache=cache, name=f"{ident}:{name}:{args.shift}:{args.seed}" if not cache else None,
+                                  verbose=not args.quiet)
+        res = fn(teacher, edge, num_classes=10, cfg=cfg, eval_data=test, progress=not args.quiet, log=_log)
+        st = teacher.stats()
+        teacher.close()
+        res["queries"] = st
+        results[name] = res
+        rows.append((name, res["test_acc"], st["queries_paid_total"], st["bytes_sent"], st["bytes_received"],
+                     res["seconds"]))
+        torch.save(res["student"].state_dict(), os.path.join(args.out, f"student_{name}.pt"))
+    if "generator" in results.get("mekd", {}):
+        save_grid(results["mekd"]["samples"], os.path.join(args.out, "samples.png"),
+                  title=f"MEKD generator samples ({args.response} responses, shift={args.shift})")
+    summary = {"teacher_url": url, "response": args.response, "budget": args.budget, "shift": args.shift,
+               "seed": args.seed, "config": asdict(cfg),
+               "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("student", "generator", "samples")}
+                           for k, v in results.items()}}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print(f"{'method':<6} {'test acc':>9} {'queries':>8} {'MB sent':>8} {'MB recv':>8} {'time s':>7}")
+    for name, acc, q, bs, br, sec in rows:
+        print(f"{name:<6} {100 * acc:>8.2f}% {q:>8d} {bs / 1e6:>8.2f} {br / 1e6:>8.2f} {sec:>7.0f}")
+    print(f"budget {args.budget}, response {args.response}, shift {args.shift}, seed {args.seed}; "
+          f"summary: {os.path.join(args.out, 'summary.json')}"
+          + (f", samples: {os.path.join(args.out, 'samples.png')}" if "mekd" in results else ""))
+    return summary
+
+
+def cli_distill(argv) -> int:
+    p = argparse.ArgumentParser(
+        prog="fastkd distill --method mekd",
+        description="MEKD black-box distillation of a teacher served with the Open Inference Protocol "
+                    "(e.g. `fastkd serve-teacher digits --port 8000`), using the digits train split as "
+                    "unlabeled edge data and the test split for evaluation.")
+    p.add_argument("--teacher-url", required=True,
+                   help="http://HOST:PORT/v2/models/NAME (or http://HOST:PORT with --model-name)")
+    p.add_argument("--model-name", help="served model name when not in the URL")
+    _common_args(p)
+    args = p.parse_args(argv)
+    _run(args, args.teacher_url, args.model_name, args.teacher_url)
+    return 0
+
+
+def cli_demo(argv) -> int:
+    p = argparse.ArgumentParser(
+        prog="fastkd demo --method mekd",
+        description="Start a local Open Inference Protocol server (127.0.0.1) with the digits teacher, "
+                    "run MEKD (and plain KD) against it within the query budget, print a table with the "
+                    "queries and bytes used, write a JSON summary and a sample grid.")
+    _common_args(p)
+    p.set_defaults(baseline=True)
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-KD baseline")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    args = p.parse_args(argv)
+    from fastkd.distill import evaluate
+    from fastkd.serve import ServerThread, create_app
+
+    model, info = digits_teacher()
+    _, test = digits_edge(seed=args.seed)
+    acc_t = evaluate(model, test)
+    app = create_app(model, input_shape=info["input_shape"], num_classes=info["num_classes"], name="digits",
+                     response=args.response)
+    with ServerThread(app, port=args.port or None) as srv:
+        url = f"{srv.url}/v2/models/digits"
+        _log(f"[mekd] teacher ({100 * acc_t:.2f}% on the test split) served at {url} ({args.response} responses)")
+        summary = _run(args, url, None, url)
+        summary["teacher_test_acc"] = acc_t
+        summary["server_answered"] = app.state.stats["inference_count"]
+    print(f"teacher {100 * acc_t:.2f}% on the test split; the server answered {summary['server_answered']} "
+          f"queries in all")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return 0

@@ -1,0 +1,451 @@
+"""BlackBoxTeacher: local and remote (Open Inference Protocol) teachers, budget, cache, faults.
+
+Servers are started on 127.0.0.1 only; every request loop is bounded."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.blackbox import (BlackBoxTeacher, QueryBudgetExceeded, TeacherInputError, TeacherRequestError,
+                             TeacherResponseError, TeacherUnavailable)
+
+starlette = pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+from fastkd.serve import ServerThread, create_app, free_port  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = [1, 4, 4]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+
+
+class Counting:
+    """A local black box that counts the samples it answers."""
+
+    def __init__(self, model):
+        self.model, self.n, self.calls = model, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, x):
+        with self.lock:
+            self.n += x.shape[0]
+            self.calls += 1
+        return self.model(x)
+
+
+def ref_probs(model, x):
+    with torch.no_grad():
+        return torch.softmax(model(x), 1)
+
+
+# ----------------------------------------------------------------------------- local
+def test_local_soft_hard_and_no_gradients():
+    m = tiny_model()
+    x = torch.randn(7, *SHAPE, requires_grad=True)
+    soft = BlackBoxTeacher(m, response="soft")(x)
+    hard = BlackBoxTeacher(m, response="hard")(x)
+    ref = ref_probs(m, x)
+    torch.testing.assert_close(soft, ref)
+    assert not soft.requires_grad and soft.dtype == torch.float32
+    assert torch.equal(hard.argmax(1), ref.argmax(1)) and torch.equal(hard.sum(1), torch.ones(7))
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_budget_raises_before_sending_and_cache_dedup():
+    f = Counting(tiny_model())
+    bb = BlackBoxTeacher(f, budget=10, max_batch=3)
+    x = torch.randn(6, *SHAPE)
+    bb(x)
+    assert f.n == 6 and f.calls == 2
+    bb(torch.cat([x, x]))  # all cached: free
+    assert f.n == 6 and bb.stats()["cache_hits"] == 12
+    with pytest.raises(QueryBudgetExceeded, match="needs 5 paid queries but only 4"):
+        bb(torch.randn(5, *SHAPE))
+    assert f.n == 6  # nothing was sent
+    y = torch.randn(1, *SHAPE)
+    bb(torch.cat([y, y, y, y]))  # duplicates inside one call are paid once
+    s = bb.stats()
+    assert f.n == 7 and s["queries_paid"] == 7 and s["budget_left"] == 3
+
+
+def test_bad_arguments():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="response"):
+        BlackBoxTeacher(m, response="medium")
+    with pytest.raises(ValueError, match="exactly one"):
+        BlackBoxTeacher(m, url="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="budget"):
+        BlackBoxTeacher(m, budget=-1)
+    with pytest.raises(ValueError, match="max_batch"):
+        BlackBoxTeacher(m, max_batch=0)
+    bb = BlackBoxTeacher(m)
+    with pytest.raises(TeacherInputError, match="NaN"):
+        bb(torch.full((2, *SHAPE), float("nan")))
+    with pytest.raises(TeacherInputError, match="batch dimension"):
+        bb(torch.randn(16))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+        bb([1.0, 2.0])
+
+
+def test_persistent_cache_and_budget_across_runs(tmp_path):
+    db = tmp_path / "cache.sqlite"
+    f = Counting(tiny_model())
+    x = torch.randn(8, *SHAPE)
+    with BlackBoxTeacher(f, budget=10, cache=db, name="t") as bb:
+        a = bb(x)
+    with BlackBoxTeacher(f, budget=10, cache=db, name="t") as bb:  # a rerun: pays nothing
+        b = bb(x)
+        assert bb.stats()["queries_paid"] == 0 and bb.stats()["queries_paid_total"] == 8
+        with pytest.raises(QueryBudgetExceeded):  # the budget remembers the first run
+            bb(torch.randn(3, *SHAPE))
+        bb(torch.randn(2, *SHAPE))
+        assert bb.budget_left == 0
+    torch.testing.assert_close(a, b)
+    assert f.n == 10
+
+
+def test_budget_exact_under_concurrency(tmp_path):
+    f = Counting(tiny_model())
+    bb = BlackBoxTeacher(f, budget=50, max_batch=4, cache=tmp_path / "c.sqlite", name="t")
+    ok, refused = [], []
+
+    def worker(i):
+        try:
+            bb(torch.randn(10, *SHAPE, generator=torch.Generator().manual_seed(100 + i)))
+            ok.append(i)
+        except QueryBudgetExceeded:
+            refused.append(i)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(9)]
+    [t.start() for t in ts]
+    [t.join(30) for t in ts]
+    assert len(ok) == 5 and len(refused) == 4
+    assert f.n == 50 and bb.stats()["queries_paid_total"] == 50
+
+
+# ----------------------------------------------------------------------------- remote
+@pytest.fixture
+def served():
+    """(model, server) for soft responses, on 127.0.0.1."""
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", response="soft", max_batch=64)
+    with ServerThread(app) as srv:
+        yield m, srv, app
+
+
+def test_remote_soft_matches_model_and_counts_bytes(served):
+    m, srv, app = served
+    bb = BlackBoxTeacher(url=srv.url + "/v2/models/tiny", response="soft", max_batch=5, workers=2)
+    x = torch.randn(12, *SHAPE)
+    y = bb(x)
+    torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
+    s = bb.stats()
+    assert s["queries_paid"] == 12 and s["requests"] == 3
+    assert app.state.stats["inference_count"] == 12
+    assert s["bytes_sent"] > 12 * 16 * 4 and s["bytes_received"] > 12 * 10 * 4
+    assert bb.metadata()["inputs"][0]["shape"] == [-1] + SHAPE
+
+
+def test_remote_hard_labels_and_client_side_hard(served):
+    m, srv, _ = served
+    x = torch.randn(9, *SHAPE)
+    hard = BlackBoxTeacher(url=srv.url, model_name="tiny", response="hard")(x)
+    assert torch.equal(hard.argmax(1), ref_probs(m, x).argmax(1))
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", response="hard")
+    with ServerThread(app) as srv2:
+        bb = BlackBoxTeacher(url=srv2.url, model_name="tiny", response="soft")  # server gives labels only
+        lab = bb(x)
+        assert torch.equal(lab, hard) and bb.num_classes == 10
+
+
+def test_inputs_checked_against_metadata_before_paying(served):
+    _, srv, app = served
+    bb = BlackBoxTeacher(url=srv.url, model_name="tiny", budget=100)
+    with pytest.raises(TeacherInputError, match=r"do not match the model's input 'input' of shape \[-1, 1, 4, 4\]"):
+        bb(torch.randn(3, 1, 5, 5))
+    assert app.state.stats["inference_count"] == 0 and bb.stats()["queries_paid_total"] == 0
+    with pytest.raises(TeacherRequestError, match="404"):
+        BlackBoxTeacher(url=srv.url, model_name="nope").metadata()
+
+
+class Faults:
+    """ASGI wrapper answering infer requests from a script of faults, then normally."""
+
+    def __init__(self, app, plan):
+        self.app, self.plan, self.seen = app, list(plan), []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/infer") and self.plan:
+            fault = self.plan.pop(0)
+            self.seen.append(fault)
+            if fault == "slow":
+                await asyncio.sleep(1.5)
+            elif fault != "ok":
+                status, body = {"500": (500, b'{"error": "boom"}'), "503": (503, b'{"error": "busy"}'),
+                                "429": (429, b'{"error": "slow down"}'),
+                                "malformed": (200, b'{"outputs": [{"name": "probabilities", "data'),
+                                "wrongshape": (200, json.dumps({"outputs": [{
+                                    "name": "probabilities", "datatype": "FP32", "shape": [1, 7],
+                                    "data": [0.1] * 7}]}).encode()),
+                                "nan": (200, b'{"outputs": [{"name": "probabilities", "datatype": "FP32", '
+                                             b'"shape": [1, 2], "data": [NaN, 1]}]}'),
+                                }[fault]
+                headers = [(b"content-type", b"application/json")]
+                if fault == "429":
+                    headers.append((b"retry-after", b"0"))
+                while True:  # drain the request
+                    msg = await receive()
+                    if not msg.get("more_body"):
+                        break
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("fault,billed", [("500", 0), ("503", 0), ("429", 0), ("malformed", 1),
+                                          ("wrongshape", 1), ("nan", 1), ("slow", 1)])
+def test_fault_retried_and_accounted(fault, billed):
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    fa = Faults(app, [fault, fault])
+    with ServerThread(fa) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", timeout=0.5, retries=3, backoff=0.01,
+                             budget=100)
+        x = torch.randn(4, *SHAPE)
+        y = bb(x)
+        torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
+        s = bb.stats()
+        assert s["retries"] == 2 and fa.seen == [fault, fault]
+        # failed attempts count as paid only when the server answered them (or may have)
+        assert s["queries_paid_total"] == 4 + 2 * 4 * billed
+
+
+def test_retries_run_out_with_clear_message_and_budget_runs_out_while_retrying(tmp_path):
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    with ServerThread(Faults(app, ["500"] * 3)) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", retries=2, backoff=0.01)
+        with pytest.raises(TeacherUnavailable, match="failed 3 attempts.*HTTP 500: boom.*rerun to resume"):
+            bb(torch.randn(2, *SHAPE))
+        assert bb.stats()["queries_paid_total"] == 0
+    with ServerThread(Faults(app, ["malformed"] * 5)) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", retries=5, backoff=0.01, budget=5)
+        with pytest.raises(QueryBudgetExceeded, match="retry needs 2 paid queries but only 1"):
+            bb(torch.randn(2, *SHAPE))
+        assert bb.stats()["queries_paid_total"] == 4
+
+
+def test_server_down_then_resume_from_cache(tmp_path):
+    m = tiny_model()
+    db = tmp_path / "c.sqlite"
+    port = free_port()
+    x = torch.randn(12, *SHAPE)
+    app1 = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    srv = ServerThread(app1, port=port).start()
+    bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=12, retries=1, backoff=0.01,
+                         max_batch=4)
+    bb(x[:8])
+    srv.stop()
+    with pytest.raises(TeacherUnavailable, match="cannot connect"):
+        bb(x)
+    assert bb.stats()["queries_paid_total"] == 8  # refused connections are not paid
+    app2 = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    with ServerThread(app2, port=port):
+        y = BlackBoxTeacher(url=f"http://127.0.0.1:{port}", model_name="tiny", cache=db, budget=12)(x)
+    torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
+    assert app1.state.stats["inference_count"] + app2.state.stats["inference_count"] == 12
+
+
+CLIENT = r"""
+import sys, torch
+from fastkd.blackbox import BlackBoxTeacher
+url, db = sys.argv[1], sys.argv[2]
+bb = BlackBoxTeacher(url=url, model_name="teacher", cache=db, budget=60, max_batch=2, retries=50, backoff=0.05,
+                     backoff_max=0.2, timeout=5)
+x = torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+for i in range(0, 40, 2):
+    bb(x[i:i + 2])
+    print("done", i + 2, flush=True)
+"""
+
+
+def _start_cli_server(model_path, port):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "fastkd", "serve-teacher", str(model_path), "--port", str(port),
+                          "--host", "127.0.0.1", "--input-shape", "1,4,4"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    import urllib.request
+    while time.monotonic() - t0 < 60:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+            return p
+        except OSError:
+            if p.poll() is not None:
+                raise RuntimeError(p.stdout.read())
+            time.sleep(0.2)
+    p.kill()
+    raise RuntimeError("serve-teacher did not start")
+
+
+def _served_count(port):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/teacher/stats", timeout=5) as r:
+        return json.loads(r.read())["model_stats"][0]["inference_count"]
+
+
+@pytest.mark.slow
+def test_server_killed_and_client_killed_mid_run_budget_never_exceeded(tmp_path):
+    """The real CLI server is killed mid-run and restarted; then the client is killed mid-run
+    and resumed. No paid answer is lost and the server never answers more than the budget."""
+    m = tiny_model()
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(m).save(str(path))
+    db = str(tmp_path / "c.sqlite")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    served = 0
+    srv = _start_cli_server(path, port)
+    cli = subprocess.Popen([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}", db], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = cli.stdout.readline()  # wait for the first paid answers
+        assert line.startswith("done"), line + cli.stdout.read() if cli.poll() is not None else line
+        time.sleep(0.3)
+        served += _served_count(port)
+        srv.kill()  # the server dies mid-run; the client keeps retrying
+        srv.wait(10)
+        time.sleep(0.5)
+        srv = _start_cli_server(path, port)
+        for _ in range(3):  # wait for progress after the restart (bounded: the client stops by itself)
+            line = cli.stdout.readline()
+            if not line:
+                break
+        cli.kill()  # the client dies mid-run
+        cli.wait(10)
+        time.sleep(0.2)
+        # resume in this process from the same cache: only the missing answers are paid
+        x = torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+        bb = BlackBoxTeacher(url=f"http://127.0.0.1:{port}", model_name="teacher", cache=db, budget=60)
+        y = bb(x)
+        torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
+        served += _served_count(port)
+        s = bb.stats()
+        assert 40 <= served <= 60, served
+        assert s["queries_paid_total"] <= 60 and s["queries_reserved_total"] <= 60
+        assert s["queries_paid_total"] >= served  # every sample the server answered is accounted for
+        assert s["cached_answers"] == 40
+    finally:
+        for p in (srv, cli):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+TRITON_CLIENT = r"""
+import sys, json, numpy as np
+import tritonclient.http as httpclient
+c = httpclient.InferenceServerClient(url=sys.argv[1])
+assert c.is_server_live() and c.is_model_ready("tiny")
+meta = c.get_model_metadata("tiny")
+x = np.load(sys.argv[2])
+inp = httpclient.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x, binary_data=False)
+res = c.infer("tiny", [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=False)])
+np.save(sys.argv[3], res.as_numpy("probabilities"))
+print(json.dumps(meta))
+"""
+
+
+def test_tritonclient_against_our_server(served, tmp_path):
+    pytest.importorskip("tritonclient.http")
+    m, srv, _ = served
+    x = torch.randn(5, *SHAPE)
+    np.save(tmp_path / "x.npy", x.numpy())
+    out = subprocess.run([sys.executable, "-c", TRITON_CLIENT, f"127.0.0.1:{srv.port}", str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    y = torch.from_numpy(np.load(tmp_path / "y.npy"))
+    torch.testing.assert_close(y, ref_probs(m, x), atol=1e-6, rtol=1e-5)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["inputs"][0]["name"] == "input"
+
+
+MLSERVER_RUNTIME = '''
+import numpy as np
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceResponse
+
+
+class LinearSoftmax(MLModel):
+    async def load(self):
+        d = np.load(self.settings.parameters.uri)
+        self.w, self.b = d["w"], d["b"]
+        return True
+
+    async def predict(self, payload):
+        x = NumpyCodec.decode_input(payload.inputs[0])
+        z = x.reshape(x.shape[0], -1) @ self.w.T + self.b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return InferenceResponse(model_name=self.name,
+                                 outputs=[NumpyCodec.encode_output("probabilities", p.astype(np.float32))])
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("FASTKD_MLSERVER"),
+                    reason="set FASTKD_MLSERVER to an `mlserver` executable (MLServer is not a test dependency)")
+def test_our_client_against_mlserver(tmp_path):
+    """Interoperability: BlackBoxTeacher against Seldon MLServer (an independent implementation)."""
+    import urllib.request
+    m = tiny_model()
+    w, b = m[1].weight.detach().numpy(), m[1].bias.detach().numpy()
+    np.savez(tmp_path / "w.npz", w=w, b=b)
+    (tmp_path / "runtime.py").write_text(MLSERVER_RUNTIME)
+    port, gport, mport = free_port(), free_port(), free_port()
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": port, "grpc_port": gport, "metrics_port": mport,
+        "parallel_workers": 0, "debug": False}))
+    (tmp_path / "model-settings.json").write_text(json.dumps({
+        "name": "tiny", "implementation": "runtime.LinearSoftmax",
+        "parameters": {"uri": str(tmp_path / "w.npz")},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1] + SHAPE}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]}))
+    p = subprocess.Popen([os.environ["FASTKD_MLSERVER"], "start", str(tmp_path)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/tiny/ready", timeout=1)
+                break
+            except OSError:
+                if p.poll() is not None or time.monotonic() - t0 > 120:
+                    raise RuntimeError("mlserver did not start")
+                time.sleep(0.5)
+        bb = BlackBoxTeacher(url=f"http://127.0.0.1:{port}/v2/models/tiny", response="soft", budget=20, max_batch=4)
+        x = torch.randn(10, *SHAPE)
+        torch.testing.assert_close(bb(x), ref_probs(m, x), atol=1e-5, rtol=1e-4)
+        assert bb.stats()["queries_paid"] == 10
+        with pytest.raises(TeacherInputError):
+            bb(torch.randn(2, 1, 5, 5))
+        hard = BlackBoxTeacher(url=f"http://127.0.0.1:{port}", model_name="tiny", response="hard")(x)
+        assert torch.equal(hard.argmax(1), ref_probs(m, x).argmax(1))
+    finally:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
