@@ -51,6 +51,7 @@ EXPECTED_OPS = (
     "cross_class_contrastive_fwd", "langevin_step_", "philox_normal",
     "image_distance_fwd", "pairwise_sqdist_fwd", "sliced_project", "sliced_backproject",
     "linear_assignment", "sinkhorn_log",
+    "bn_stats_fwd", "bn_stats_bwd",
 )
 
 
