@@ -64,11 +64,18 @@ def test_large_label_and_group_ids(backend):
     torch.testing.assert_close(got, naive(p, y, g, "mean"))
 
 
-@pytest.mark.parametrize("backend", ALL_CPU)
-def test_fp32_accuracy_n4096(backend):
+@pytest.fixture(scope="module")
+def offset_case_4096():
     # Logits with a large common offset: the closed form must centre to stay accurate.
-    p, y, _ = _case(4096, 10, 10, dtype=torch.float32, offset=30.0)
-    want = naive(p, y)  # fp64 pairwise on the same fp32 values
+    g = torch.Generator().manual_seed(4096)
+    p = torch.randn(4096, 10, generator=g) + 30.0
+    y = torch.randint(0, 10, (4096,), generator=g)
+    return p, y, naive(p, y)  # fp64 pairwise on the same fp32 values
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+def test_fp32_accuracy_n4096(backend, offset_case_4096):
+    p, y, want = offset_case_4096
     got = cross_class_contrastive(p, y, backend=backend)
     assert abs(got.double().item() - want.item()) / want.item() < 1e-5
 
