@@ -241,7 +241,6 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
 
-    import sys
 
     dev = _device_of(student, device)
     rank, world = distributed_info()
@@ -250,7 +249,6 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         raise RuntimeError(f"{op}: distributed=True but torch.distributed is not initialised "
                            "(run under torchrun or call torch.distributed.init_process_group)")
     show = progress and rank == 0
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     gen = torch.Generator()
@@ -286,7 +284,7 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                                loss=loss, amp=use_amp, seed=seed, world_size=world if use_ddp else 1,
                                num_parameters=sum(p.numel() for p in student.parameters())))
     t_start = time.perf_counter()
-    bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0)
+    bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0, write=log)
     for ep in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -353,7 +351,6 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 8, e
     Returns:
         ``(model, history)``; ``history.final_accuracy`` is the test accuracy.
     """
-    import sys
 
     from . import data as _data
     from . import models
@@ -366,7 +363,6 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 8, e
         model = models.create("cnn", num_classes=int(y_tr.max()) + 1, in_channels=x_tr.shape[1], input_size=x_tr.shape[-1])
     dev = _device_of(model, device)
     model.to(dev)
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(x_tr.shape[0] / batch_size)
@@ -374,7 +370,7 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 8, e
     hist = History(config=dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                augment=augment, seed=seed))
     t_start = time.perf_counter()
-    bar = Progress(epochs, "teacher", enabled=progress, unit="epoch", min_interval=1.0)
+    bar = Progress(epochs, "teacher", enabled=progress, unit="epoch", min_interval=1.0, write=log)
     for ep in range(epochs):
         model.train()
         perm = torch.randperm(x_tr.shape[0], generator=gen)
