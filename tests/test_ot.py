@@ -101,6 +101,11 @@ def test_sqdist_opcheck():
                            torch.randn(3, 5, dtype=torch.float64, requires_grad=True)))
     torch.library.opcheck(torch.ops.fastkd.sliced_project.default,
                           (torch.randn(4, 9, dtype=torch.float64, requires_grad=True), 5, 3))
+    torch.library.opcheck(torch.ops.fastkd.sliced_backproject.default,
+                          (torch.randn(4, 5, dtype=torch.float64), torch.rand(5, dtype=torch.float64), 9, 3))
+    torch.library.opcheck(torch.ops.fastkd.linear_assignment.default, (torch.rand(6, 6, dtype=torch.float64),))
+    torch.library.opcheck(torch.ops.fastkd.sinkhorn_log.default,
+                          (torch.rand(4, 5, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)))
 
 
 # --------------------------------------------------------------------------- assignment

@@ -102,7 +102,7 @@ def pairwise_sqdist_cases(device: str, quick: bool) -> list[Case]:
 
         w = torch.rand(n, n, device=device)
 
-        def mk(fn):
+        def mk(fn, a=a, b=b, w=w):
             def go():
                 (fn(a, b) * w).sum().backward()
             return go
@@ -140,7 +140,7 @@ def assignment_cases(device: str, quick: bool) -> list[Case]:
 
             Cn = C.numpy()
             u = ot.unif(n)
-            impls["POT ot.emd (network simplex)"] = lambda: ot.emd(u, u, Cn)
+            impls["POT ot.emd (network simplex)"] = lambda u=u, Cn=Cn: ot.emd(u, u, Cn)
         except ImportError:
             pass
         out.append(Case("assignment", f"{n}x{n}", "float64", impls, baseline="scipy.linear_sum_assignment",
@@ -178,7 +178,7 @@ def wasserstein_exact_cases(device: str, quick: bool) -> list[Case]:
         try:
             import ot
 
-            def pot():
+            def pot(a=a, b=b, n=n):
                 xa, xb = a.detach().cpu().numpy(), b.detach().cpu().numpy()
                 return ot.emd2(ot.unif(n), ot.unif(n), ot.dist(xa, xb))
 
@@ -223,7 +223,7 @@ def wasserstein_sinkhorn_cases(device: str, quick: bool) -> list[Case]:
             gl = SamplesLoss("sinkhorn", p=2, blur=blur / math.sqrt(2), scaling=scaling, debias=False,
                              backend="tensorized")
 
-            def geo(x, y):
+            def geo(x, y, gl=gl):
                 return 2.0 * gl(x, y)
 
             impls["geomloss tensorized"] = _fwd_bwd(geo, a, b)
@@ -231,7 +231,7 @@ def wasserstein_sinkhorn_cases(device: str, quick: bool) -> list[Case]:
         try:
             import ot
 
-            def pot():
+            def pot(a=a, b=b, n=n, iters=iters):
                 xa, xb = a.detach().cpu().numpy().astype("float64"), b.detach().cpu().numpy().astype("float64")
                 return ot.sinkhorn2(ot.unif(n), ot.unif(n), ot.dist(xa, xb), reg=blur ** 2, method="sinkhorn_log",
                                     numItermax=iters)
@@ -262,7 +262,7 @@ def wasserstein_sliced_cases(device: str, quick: bool) -> list[Case]:
             impls[f"fastkd[{be}]"] = _fwd_bwd(f, a, b)
             acc[f"fastkd[{be}]"] = _rel(f(a, b), exact)
 
-        def eager(x, y):  # materialised random directions, matmul, sort
+        def eager(x, y, d=d):  # materialised random directions, matmul, sort
             th = torch.randn(d, L, device=x.device)
             th = th / th.norm(dim=0, keepdim=True)
             return ((torch.sort(x @ th, 0).values - torch.sort(y @ th, 0).values) ** 2).mean()
@@ -274,7 +274,7 @@ def wasserstein_sliced_cases(device: str, quick: bool) -> list[Case]:
 
             theta = sliced_directions(d, L, seed).double().numpy()
 
-            def pot():
+            def pot(a=a, b=b, theta=theta):
                 xa, xb = a.detach().cpu().numpy(), b.detach().cpu().numpy()
                 return ot.sliced_wasserstein_distance(xa, xb, n_projections=L, p=2, projections=theta) ** 2
 
