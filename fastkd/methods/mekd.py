@@ -180,6 +180,7 @@ class MEKDConfig:
     epochs: int = 10
     batch_size: int = 128
     edge_weight: float = 0.5
+    grad_clip: float = 2.0
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -306,6 +307,8 @@ def distill_student(student: nn.Module, x: torch.Tensor, t: torch.Tensor, *, G: 
                 tot_img += li.item() * idx.numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             tot += loss.item() * idx.numel()
