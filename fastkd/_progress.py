@@ -11,10 +11,11 @@ import time
 
 class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "it",
-                 min_interval: float = 2.0, stream=None) -> None:
+                 min_interval: float = 2.0, stream=None, write=None) -> None:
         self.total, self.desc, self.enabled, self.unit = total, desc, enabled, unit
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.write = write  # a callable taking each line instead of the stream
+        self.tty = write is None and bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval = 0.1 if self.tty else min_interval
         self.n = 0
         self.t0 = time.perf_counter()
@@ -34,6 +35,9 @@ class Progress:
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         line = (f"{self.desc}: {self.n}/{self.total} {self.unit} [{el:6.1f}s elapsed, "
                 f"{rate:.2f} {self.unit}/s, eta {eta:5.1f}s]" + (f" {info}" if info else ""))
+        if self.write is not None:
+            self.write(line)
+            return
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

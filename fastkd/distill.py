@@ -241,7 +241,6 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
 
-    import sys
 
     dev = _device_of(student, device)
     rank, world = distributed_info()
@@ -250,7 +249,6 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         raise RuntimeError(f"{op}: distributed=True but torch.distributed is not initialised "
                            "(run under torchrun or call torch.distributed.init_process_group)")
     show = progress and rank == 0
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     gen = torch.Generator()
@@ -286,7 +284,7 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                                loss=loss, amp=use_amp, seed=seed, world_size=world if use_ddp else 1,
                                num_parameters=sum(p.numel() for p in student.parameters())))
     t_start = time.perf_counter()
-    bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0)
+    bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0, write=log)
     for ep in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -336,9 +334,9 @@ def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) ->
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, epochs: int = 40,
+def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 8, epochs: int = 40,
                   batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4,
-                  augment: bool = True, seed: int = 0, device=None, progress: bool = True,
+                  augment: bool = False, seed: int = 0, device=None, progress: bool = True,
                   log: Callable[[str], None] | None = None):
     """Train a teacher with real labels; the recipe of the digits default.
 
@@ -353,7 +351,6 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, 
     Returns:
         ``(model, history)``; ``history.final_accuracy`` is the test accuracy.
     """
-    import sys
 
     from . import data as _data
     from . import models
@@ -363,10 +360,9 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, 
         data = _data.digits(size)
     x_tr, y_tr, x_te, y_te = data
     if model is None:
-        model = models.create("cnn", num_classes=int(y_tr.max()) + 1, in_channels=x_tr.shape[1])
+        model = models.create("cnn", num_classes=int(y_tr.max()) + 1, in_channels=x_tr.shape[1], input_size=x_tr.shape[-1])
     dev = _device_of(model, device)
     model.to(dev)
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(x_tr.shape[0] / batch_size)
@@ -374,7 +370,7 @@ def train_teacher(model: nn.Module | None = None, *, data=None, size: int = 16, 
     hist = History(config=dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                augment=augment, seed=seed))
     t_start = time.perf_counter()
-    bar = Progress(epochs, "teacher", enabled=progress, unit="epoch", min_interval=1.0)
+    bar = Progress(epochs, "teacher", enabled=progress, unit="epoch", min_interval=1.0, write=log)
     for ep in range(epochs):
         model.train()
         perm = torch.randperm(x_tr.shape[0], generator=gen)

@@ -17,7 +17,8 @@ Registered names:
 * ``resnet18`` / ``resnet34`` (and ``*_half``) -- CIFAR-style ResNets: 3x3 stem, no
   max-pool, four stages of BasicBlocks (64-128-256-512 channels at width 1), BatchNorm.
 * ``cnn`` / ``cnn_half`` -- the small CNN of the bundled digits default (two 3x3 conv
-  blocks with max-pool, one hidden linear layer, no BatchNorm unless ``batch_norm=True``).
+  blocks with max-pool, one hidden linear layer, no BatchNorm unless ``batch_norm=True``;
+  ``input_size`` is the image side, default 8).
 * ``mlp`` / ``mlp_half`` -- a two-hidden-layer perceptron over the flattened image
   (``input_size`` must be given: the image side, or a (H, W) pair).
 
@@ -104,16 +105,20 @@ class ResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Small CNN for small images (the digits default): [conv3-ReLU-pool] x 2, fc, fc.
+    """Small CNN for small images (the digits default): [conv3-ReLU-maxpool2] x 2, fc, fc.
 
     Args:
         width: channel multiplier (1.0: 16-32 channels, 64 hidden units; 0.5 is the student).
         batch_norm: insert BatchNorm after each convolution (off by default).
+        input_size: image side (default 8, the digits' native size); the classifier sees
+            32 * width channels of (input_size // 4)^2 positions.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
-                 batch_norm: bool = False) -> None:
+                 batch_norm: bool = False, input_size: int = 8) -> None:
         super().__init__()
+        if not isinstance(input_size, int) or input_size < 4:
+            raise ValueError(f"SmallCNN: input_size must be an int >= 4, got {input_size!r}")
         c1, c2, h = _ch(16, width), _ch(32, width), _ch(64, width)
 
         def block(cin, cout):
@@ -122,8 +127,9 @@ class SmallCNN(nn.Module):
                 mods.append(nn.BatchNorm2d(cout))
             return mods + [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
-        self.features = nn.Sequential(*block(in_channels, c1), *block(c1, c2), nn.AdaptiveAvgPool2d(4))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 16, h), nn.ReLU(inplace=True),
+        side = input_size // 4
+        self.features = nn.Sequential(*block(in_channels, c1), *block(c1, c2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, h), nn.ReLU(inplace=True),
                                         nn.Linear(h, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_kd_bad_input():
 def _tiny():
     torch.manual_seed(0)
     teacher = models.create("cnn", num_classes=10, in_channels=1, width=0.25).eval()
-    x = torch.randn(64, 1, 16, 16)
+    x = torch.randn(64, 1, 8, 8)
     return teacher, x
 
 
@@ -58,7 +58,7 @@ def test_train_student_on_synthetic_dataset_and_determinism():
 
 def test_train_student_learns_teacher():
     teacher, x = _tiny()
-    x = torch.randn(512, 1, 16, 16)
+    x = torch.randn(512, 1, 8, 8)
     torch.manual_seed(0)
     s = models.create("cnn_half")
     labels = distill.teacher_probs(teacher, x).argmax(1)
@@ -90,7 +90,7 @@ def test_train_student_bad_input():
 
 
 def test_evaluate_and_train_teacher_tiny():
-    x = torch.randn(40, 1, 16, 16)
+    x = torch.randn(40, 1, 8, 8)
     y = torch.arange(40) % 10
     m = models.create("cnn", width=0.25)
     m, h = distill.train_teacher(m, data=(x, y, x, y), epochs=3, batch_size=8, progress=False)

@@ -7,7 +7,7 @@ from fastkd import data, models
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_half", "cnn", "cnn_half", "mlp", "mlp_half"])
 @pytest.mark.parametrize("size", [16, 32])
 def test_small_models_shapes(name, size):
-    kw = {"input_size": size} if name.startswith("mlp") else {}
+    kw = {"input_size": size} if name.startswith(("mlp", "cnn")) else {}
     m = models.create(name, num_classes=7, in_channels=3, **kw)
     assert m(torch.randn(2, 3, size, size)).shape == (2, 7)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastkd
 from fastkd import models, synthesis
 from fastkd.synthesis import ShardMismatchError, SyntheticDataset, cake, lake
 import fastkd.synthesis.cake_synthesis as cake_mod
@@ -55,9 +56,12 @@ def test_synthesis_moves_towards_labels():
     assert ds.teacher_agreement() > 0.9
 
 
-def test_cake_matches_authors_loop(teacher):
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("cpp", marks=pytest.mark.skipif(not fastkd.backends()["cpp"].available,
+                                                          reason="fastkd._C (cpp backend) is not built"))])
+def test_cake_matches_authors_loop(teacher, backend):
     """Same objective, same start: the fused loop and the eager authors' loop agree."""
-    a = cake(teacher, backend="torch", **kw())
+    a = cake(teacher, backend=backend, **kw())
     b = authors_loop(teacher, **{k: v for k, v in kw().items() if k != "progress"})
     assert torch.allclose(a.inputs, b.inputs, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.labels, b.labels)

@@ -92,7 +92,8 @@ double ccc_run(const at::Tensor& p, const int64_t* lab, const int64_t* grp, int6
     loss -= 2.0 * a;
   }
   scalar_t* go = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
+  // The row pass is a few flops per element: only large problems are worth a parallel region.
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, K));
   std::vector<double> rowpart(N, 0.0);
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

@@ -35,14 +35,20 @@ constexpr int kChunk = 64;  // Philox blocks per generator step (256 normals)
 #define FKD_CLONES
 #endif
 
+#if defined(__GNUC__)
+#define FKD_INLINE __attribute__((always_inline)) inline
+#else
+#define FKD_INLINE inline
+#endif
+
 // -2 log(a) for a in (0, 1] (a >= 2^-24): exponent + 2 atanh series on [sqrt(1/2), sqrt(2)).
-inline float neg2log(float a) {
+FKD_INLINE float neg2log(float a) {
   const uint32_t bits = std::bit_cast<uint32_t>(a);
   int32_t e = static_cast<int32_t>(bits >> 23) - 127;
   float m = std::bit_cast<float>((bits & 0x007FFFFFu) | 0x3F800000u);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
+  const int32_t big = static_cast<int32_t>(m > 1.41421356f);  // 0 or 1, no branch
+  m = m * (1.0f - 0.5f * static_cast<float>(big));
+  e += big;
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   const float poly = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
@@ -50,25 +56,38 @@ inline float neg2log(float a) {
   return -2.0f * lg;
 }
 
+// sqrt(y) for y >= 0 without a libm call (so the loop vectorises without -fno-math-errno):
+// exponent-halving initial guess, then three Newton steps (error ~1e-7 relative).
+FKD_INLINE float sqrt_nn(float y) {
+  float s = std::bit_cast<float>((std::bit_cast<uint32_t>(y) >> 1) + 0x1FBD1DF5u);
+  s = 0.5f * (s + y / s);
+  s = 0.5f * (s + y / s);
+  s = 0.5f * (s + y / s);
+  return s;
+}
+
 // cos and sin of 2 pi b for b in [0, 1): quadrant reduction, Taylor polynomials on [-pi/4, pi/4].
-inline void sincos2pi(float b, float& c, float& s) {
+FKD_INLINE void sincos2pi(float b, float& c, float& s) {
   const float v = b * 4.0f;
-  const float qf = std::floor(v + 0.5f);
+  const float qf = static_cast<float>(static_cast<int32_t>(v + 0.5f));  // floor: v + 0.5 > 0
   const float x = (v - qf) * 1.57079632679489662f;
   const int32_t q = static_cast<int32_t>(qf);
   const float x2 = x * x;
   const float sn = x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880)))));
   const float cs = 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 +
                    x2 * (-1.0f / 3628800)))));
-  const bool swap = (q & 1) != 0;
-  const float ss = swap ? cs : sn;
-  const float cc = swap ? sn : cs;
-  s = (q & 2) ? -ss : ss;
-  c = ((q + 1) & 2) ? -cc : cc;
+  // quadrant q: swap sin/cos for odd q, flip signs by bit 1 of q (sin) and of q + 1 (cos);
+  // selects and sign flips as bit operations so that the loop stays branch-free
+  const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
+  const uint32_t bs = std::bit_cast<uint32_t>(sn), bc = std::bit_cast<uint32_t>(cs);
+  const uint32_t ss = (bc & swap) | (bs & ~swap);
+  const uint32_t cc = (bs & swap) | (bc & ~swap);
+  s = std::bit_cast<float>(ss ^ (static_cast<uint32_t>(q & 2) << 30));
+  c = std::bit_cast<float>(cc ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
 // Normals of Philox blocks [j0, j0 + nblk) into out[0 .. 4 * nblk), in element order.
-FKD_CLONES __attribute__((optimize("no-math-errno")))
+FKD_CLONES
 void normals_blocks(uint64_t seed, uint64_t j0, int64_t nblk, float* __restrict__ out) {
   alignas(64) uint32_t x0[kChunk], x1[kChunk], x2[kChunk], x3[kChunk];
   alignas(64) float z0[kChunk], z1[kChunk], z2[kChunk], z3[kChunk];
@@ -99,8 +118,8 @@ void normals_blocks(uint64_t seed, uint64_t j0, int64_t nblk, float* __restrict_
       k1 += 0xBB67AE85u;
     }
     for (int b = 0; b < kChunk; ++b) {
-      const float ra = std::sqrt(neg2log(fkd_u_open0(x0[b])));
-      const float rb = std::sqrt(neg2log(fkd_u_open0(x2[b])));
+      const float ra = sqrt_nn(neg2log(fkd_u_open0(x0[b])));
+      const float rb = sqrt_nn(neg2log(fkd_u_open0(x2[b])));
       float ca, sa, cb, sb;
       sincos2pi(fkd_u_open1(x1[b]), ca, sa);
       sincos2pi(fkd_u_open1(x3[b]), cb, sb);

@@ -1,8 +1,10 @@
 """Peak host memory of a callable on Linux (the CPU counterpart of CUDA's peak statistics).
 
 Resets the process's peak resident set size through /proc/self/clear_refs, runs the
-callable and reads VmHWM. It measures the whole process, so it is an upper bound of the
-callable's own allocations; None where /proc is not available.
+callable and reads VmHWM: the resident memory the call adds beyond what the process
+already holds. Memory the allocator recycles from earlier frees is not counted, so small
+numbers can understate a call's allocations; large ones (an N x N matrix) show clearly.
+None where /proc is not available.
 """
 from __future__ import annotations
 

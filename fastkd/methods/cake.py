@@ -17,8 +17,8 @@ import torch
 METHODS = ["cake", "lake"]
 
 #: The bundled default (``fastkd demo``): sized to finish within 5 minutes on a 2-core CPU.
-DEMO = dict(num_samples=2000, batch_size=100, steps=100, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-1, 1e-5),
-            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=256, student_lr=0.5)
+DEMO = dict(size=8, num_samples=3200, batch_size=100, steps=100, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-2, 1e-5),
+            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=64, student_lr=0.1)
 
 
 def _log(msg: str) -> None:
@@ -85,7 +85,9 @@ def resolve_teacher(a, device):
     from fastkd.teachers import load_teacher
 
     in_ch = a.input_shape[0] if a.input_shape else None
-    teacher, info = load_teacher(a.teacher, model=a.teacher_model, num_classes=a.num_classes, in_channels=in_ch)
+    kw = student_kwargs(a.teacher_model, a.input_shape) if (a.teacher_model and a.input_shape) else {}
+    teacher, info = load_teacher(a.teacher, model=a.teacher_model, num_classes=a.num_classes, in_channels=in_ch,
+                                 **kw)
     num_classes = a.num_classes or info.get("num_classes")
     shape = a.input_shape or (tuple(info["input_shape"]) if info.get("input_shape") else None)
     if num_classes is None:
@@ -93,6 +95,13 @@ def resolve_teacher(a, device):
     if shape is None:
         raise SystemExit("error: --input-shape C,H,W is required for this teacher")
     return teacher.to(device), info, int(num_classes), tuple(shape)
+
+
+def student_kwargs(name: str, input_shape) -> dict:
+    """Constructor arguments a zoo model needs for inputs of ``input_shape`` (cnn, mlp: the side)."""
+    if name.startswith(("cnn", "mlp")) and len(input_shape) == 3:
+        return {"input_size": int(input_shape[-1])}
+    return {}
 
 
 def _device(name):
@@ -202,13 +211,13 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
     cfg.update({k: v for k, v in dict(num_samples=num_samples, steps=steps, epochs=epochs).items() if v is not None})
     t_all = time.perf_counter()
     timings = {}
-    _, _, x_te, y_te = data.digits(16)  # evaluation only
+    _, _, x_te, y_te = data.digits(cfg["size"])  # evaluation only
     test = (x_te, y_te)
-    info = data.digits_info(16)
+    info = data.digits_info(cfg["size"])
 
     t0 = time.perf_counter()
     if train_teacher:
-        teacher, th = distill.train_teacher(seed=seed, progress=progress, device=dev)
+        teacher, th = distill.train_teacher(size=cfg["size"], seed=seed, progress=progress, device=dev)
     else:
         teacher, _ = digits_teacher()
     teacher.to(dev).eval()
@@ -231,7 +240,8 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
 
     def student():
         torch.manual_seed(seed)
-        return models.create(cfg["student"], num_classes=10, in_channels=1).to(dev)
+        return models.create(cfg["student"], num_classes=10, in_channels=1,
+                             **student_kwargs(cfg["student"], info["input_shape"])).to(dev)
 
     t0 = time.perf_counter()
     s = student()
@@ -375,13 +385,13 @@ def cli_distill(argv) -> int:
         _, _, x_te, y_te = _data.digits(shape[-1])
         eval_data = (x_te, y_te)
     torch.manual_seed(a.seed)
-    student = models.create(a.student, num_classes=k, in_channels=shape[0]).to(dev)
+    student = models.create(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape)).to(dev)
     h = distill.train_student(student, ds, epochs=a.epochs, batch_size=a.student_batch_size, lr=a.student_lr,
                               temperature=a.temperature, loss=a.loss, eval_data=eval_data, seed=a.seed,
                               progress=not a.quiet, device=dev)
     if rank == 0:
         save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
-                     in_channels=shape[0], input_shape=shape)
+                     in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape))
         try:
             save_sample_grid(ds, os.path.join(a.out, "samples.png"))
         except ImportError:

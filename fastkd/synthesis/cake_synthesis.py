@@ -41,7 +41,6 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops

@@ -19,6 +19,10 @@ def _philox(c0, c1, k0, k1):
     x1 = c1
     x2 = tl.zeros_like(c0)
     x3 = tl.zeros_like(c0)
+    k0 = tl.zeros_like(c0) + k0.to(tl.uint32)
+    k1 = tl.zeros_like(c0) + k1.to(tl.uint32)
+    w0 = tl.full(c0.shape, 0x9E3779B9, tl.uint32)
+    w1 = tl.full(c0.shape, 0xBB67AE85, tl.uint32)
     for _ in tl.static_range(10):
         m0 = tl.full(x0.shape, 0xD2511F53, tl.uint32)
         m1 = tl.full(x0.shape, 0xCD9E8D57, tl.uint32)
@@ -32,8 +36,8 @@ def _philox(c0, c1, k0, k1):
         x1 = l1
         x2 = y2
         x3 = l0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        k0 = k0 + w0
+        k1 = k1 + w1
     return x0, x1, x2, x3
 
 
