@@ -42,7 +42,7 @@ def run_one(method, response, shift, seed, args):
             "queries_paid": st["queries_paid_total"], "budget": args.budget, "transfer_set": r["transfer_set"],
             "gan_steps": args.gan_steps if method == "mekd" else 0, "epochs": args.epochs, "ngf": args.ngf,
             "w_img": args.w_img if method == "mekd" else 0.0,
-            "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
+            "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(), "grad_clip": cfg.grad_clip}
 
 
 def summarize(path):

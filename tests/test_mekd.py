@@ -23,7 +23,7 @@ class Counting:
 
 def tiny_teacher(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
 
 
 def tiny_cfg(**kw):
@@ -34,10 +34,10 @@ def tiny_cfg(**kw):
 
 
 def test_generator_shapes_range_and_centring():
-    g = mekd.Generator(10, (1, 16, 16), ngf=8, lo=-0.5, hi=2.0).eval()
+    g = mekd.Generator(10, (1, 8, 8), ngf=8, lo=-0.5, hi=2.0).eval()
     v = torch.randn(5, 10)
     x = g(v)
-    assert x.shape == (5, 1, 16, 16) and x.min() >= -0.5 and x.max() <= 2.0
+    assert x.shape == (5, 1, 8, 8) and x.min() >= -0.5 and x.max() <= 2.0
     torch.testing.assert_close(g(v + 3.0), x)  # scores are centred: softmax-invariant shifts do nothing
     with pytest.raises(ValueError, match="divisible by 4"):
         mekd.Generator(10, (1, 10, 10))
@@ -48,7 +48,7 @@ def test_teacher_scores_and_shift():
     torch.testing.assert_close(torch.softmax(mekd.teacher_scores(p, "soft"), 1), p)
     oh = torch.eye(10)[:4]
     assert torch.equal(mekd.teacher_scores(oh, "hard"), oh)
-    x = torch.randn(6, 1, 16, 16)
+    x = torch.randn(6, 1, 8, 8)
     assert torch.equal(mekd.shift_images(x), x)
     y1, y2 = (mekd.shift_images(x, rotate=30, noise=0.5, seed=s) for s in (1, 1))
     assert torch.equal(y1, y2) and not torch.equal(y1, x)
@@ -58,8 +58,8 @@ def test_teacher_scores_and_shift():
 def test_run_mekd_spends_exactly_the_budget(response):
     f = Counting(tiny_teacher())
     bb = BlackBoxTeacher(f, response=response, budget=300)
-    edge = torch.randn(50, 1, 16, 16)
-    test = (torch.randn(20, 1, 16, 16), torch.randint(0, 10, (20,)))
+    edge = torch.randn(50, 1, 8, 8)
+    test = (torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)))
     cfg = tiny_cfg(response=response)
     r = mekd.run_mekd(bb, edge, num_classes=10, cfg=cfg, eval_data=test, progress=False)
     ts = r["transfer_set"]
@@ -68,25 +68,25 @@ def test_run_mekd_spends_exactly_the_budget(response):
     assert 0.0 <= r["test_acc"] <= 1.0
     assert not any(p.requires_grad for p in r["generator"].parameters())
     with pytest.raises(QueryBudgetExceeded):
-        bb(torch.randn(1, 1, 16, 16))
+        bb(torch.randn(1, 1, 8, 8))
 
 
 def test_run_kd_baseline_same_budget():
     f = Counting(tiny_teacher())
     bb = BlackBoxTeacher(f, response="soft", budget=200)
-    edge = torch.randn(30, 1, 16, 16)
+    edge = torch.randn(30, 1, 8, 8)
     r = mekd.run_kd(bb, edge, num_classes=10, cfg=tiny_cfg(budget=200), progress=False)
     assert r["transfer_set"] == {"edge": 30, "augmented": 170} and f.n == 200
 
 
 def test_distill_loss_uses_generator_images():
     """With w_kl = 0 only the image term trains the student: it must move the student."""
-    g = mekd.Generator(10, (1, 16, 16), ngf=8).eval()
+    g = mekd.Generator(10, (1, 8, 8), ngf=8).eval()
     for p in g.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
-    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
-    x = torch.randn(64, 1, 16, 16)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = torch.randn(64, 1, 8, 8)
     t = torch.softmax(3 * torch.randn(64, 10), 1)
     before = [p.clone() for p in student.parameters()]
     cfg = tiny_cfg(w_kl=0.0, epochs=2)
@@ -100,7 +100,7 @@ def test_cli_distill_against_served_teacher(tmp_path, capsys):
     from fastkd.serve import ServerThread, create_app
 
     m = tiny_teacher()
-    app = create_app(m, input_shape=[1, 16, 16], num_classes=10, name="digits", response="hard")
+    app = create_app(m, input_shape=[1, 8, 8], num_classes=10, name="digits", response="hard")
     with ServerThread(app) as srv:
         rc = mekd.cli_distill(["--method", "mekd", "--teacher-url", f"{srv.url}/v2/models/digits",
                                "--response", "hard", "--budget", "150", "--gan-steps", "3", "--epochs", "1",
@@ -118,7 +118,7 @@ def test_cli_distill_against_served_teacher(tmp_path, capsys):
 def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     pytest.importorskip("uvicorn")
     monkeypatch.setattr(mekd, "digits_teacher",
-                        lambda **kw: (tiny_teacher(), {"num_classes": 10, "input_shape": (1, 16, 16)}))
+                        lambda **kw: (tiny_teacher(), {"num_classes": 10, "input_shape": (1, 8, 8)}))
     rc = mekd.cli_demo(["--method", "mekd", "--budget", "140", "--gan-steps", "2", "--epochs", "1",
                         "--edge-fraction", "0.04",
                         "--out", str(tmp_path), "--quiet"])

@@ -180,6 +180,7 @@ class MEKDConfig:
     epochs: int = 10
     batch_size: int = 128
     edge_weight: float = 0.5
+    grad_clip: float = 2.0
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -306,6 +307,8 @@ def distill_student(student: nn.Module, x: torch.Tensor, t: torch.Tensor, *, G: 
                 tot_img += li.item() * idx.numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             tot += loss.item() * idx.numel()
@@ -442,12 +445,14 @@ def digits_teacher(**_):
     return model.eval(), info
 
 
-def digits_edge(*, shift: str = "none", size: int = 16, seed: int = 0, fraction: float = 1.0):
+def digits_edge(*, shift: str = "none", size: int | None = None, seed: int = 0, fraction: float = 1.0):
     """``(edge_images, (x_test, y_test))``: the unlabeled edge data is the digits train split
     (disjoint from the test split; ``fraction`` keeps a part of it), optionally shifted:
     ``"rotate"`` (+-30 degrees), ``"noise"`` (std 0.5) or ``"rotate+noise"``."""
     from fastkd import data
 
+    if size is None:  # the bundled teacher's input size
+        size = int(digits_teacher()[1]["input_shape"][-1])
     x_tr, _, x_te, y_te = data.digits(size)
     if fraction < 1.0:
         g = torch.Generator().manual_seed(1000 + seed)
@@ -531,7 +536,11 @@ def _log(s: str) -> None:
 def _run(args, url: str, model_name: str | None, ident: str) -> dict:
     from fastkd.blackbox import BlackBoxTeacher
 
-    edge, test = digits_edge(shift=args.shift, seed=args.seed, fraction=args.edge_fraction)
+    probe = BlackBoxTeacher(url=url, model_name=model_name, timeout=args.timeout, retries=args.retries)
+    meta = probe.metadata()
+    probe.close()
+    size = int(meta["inputs"][0]["shape"][-1])
+    edge, test = digits_edge(shift=args.shift, seed=args.seed, fraction=args.edge_fraction, size=size)
     os.makedirs(args.out, exist_ok=True)
     cfg = _cfg(args)
     rows, results = [], {}
@@ -600,7 +609,7 @@ def cli_demo(argv) -> int:
     from fastkd.serve import ServerThread, create_app
 
     model, info = digits_teacher()
-    _, test = digits_edge(seed=args.seed)
+    _, test = digits_edge(seed=args.seed, size=int(info["input_shape"][-1]))
     acc_t = evaluate(model, test)
     app = create_app(model, input_shape=info["input_shape"], num_classes=info["num_classes"], name="digits",
                      response=args.response)
