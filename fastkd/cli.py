@@ -20,33 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _method_argv(argv):
-    """(method, remaining args in order) of ``distill`` / ``demo`` arguments."""
-    method, rest, i = None, [], 0
-    while i < len(argv):
-        a = argv[i]
-        if method is None and a == "--method" and i + 1 < len(argv):
-            method, i = argv[i + 1], i + 2
-            continue
-        if method is None and a.startswith("--method="):
-            method, i = a.split("=", 1)[1], i + 1
-            continue
-        rest.append(a)
-        i += 1
-    return method, rest
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("distill", "demo"):
-        # Method options are parsed by the method itself, in any order around --method.
-        method, rest = _method_argv(argv[1:])
-        if method is None and argv[0] == "demo" and not {"-h", "--help"} & set(rest):
-            method = "cake"
-        if method is not None:
-            from .commands.methods import _dispatch
-
-            return int(_dispatch(argv[0], argparse.Namespace(method=method, rest=rest)) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

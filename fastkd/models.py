@@ -130,11 +130,16 @@ class SmallCNN(nn.Module):
             return mods + [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
         side = input_size // 4
+        self.input_size = input_size
         self.features = nn.Sequential(*block(in_channels, c1), *block(c1, c2))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, h), nn.ReLU(inplace=True),
                                         nn.Linear(h, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] // 4 != self.input_size // 4 or x.shape[-2] // 4 != self.input_size // 4:
+            raise ValueError(f"SmallCNN was built for {self.input_size}x{self.input_size} inputs "
+                             f"(input_size={self.input_size}), got shape {tuple(x.shape)}; "
+                             "pass input_size=<image side> to models.create")
         return self.classifier(self.features(x))
 
 
@@ -184,8 +189,9 @@ def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> 
         name: one of :func:`names` (e.g. ``"lenet5_half"``, ``"resnet18"``, ``"cnn_half"``).
         num_classes: output width (logits).
         in_channels: image channels.
-        **kwargs: passed to the constructor (``width``, ``batch_norm`` for ``cnn``,
-            ``input_size`` for ``mlp``...).
+        **kwargs: passed to the constructor (``width``, ``batch_norm`` for ``cnn``...).
+            ``input_size`` (the image side) is accepted for every model and dropped for
+            those that work at any size, so callers can always pass their data's size.
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"models.create: unknown model name {name!r}; expected one of {names()}")
@@ -193,7 +199,18 @@ def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> 
         raise ValueError(f"models.create: num_classes must be an int >= 2, got {num_classes!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"models.create: in_channels must be an int >= 1, got {in_channels!r}")
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    ctor = _REGISTRY[name]
+    if "input_size" in kwargs:
+        import inspect
+
+        try:
+            params = inspect.signature(ctor).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            params = {}
+        takes = "input_size" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        if not takes:
+            kwargs.pop("input_size")
+    return ctor(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def num_parameters(model: nn.Module) -> int:

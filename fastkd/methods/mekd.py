@@ -360,7 +360,8 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
         log(f"[mekd] transfer set: {e.shape[0]} edge + {xg.shape[0]} from deprivatization + "
             f"{xs.shape[0]} generated = {x.shape[0]} answered images")
     torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
+                            input_size=int(edge.shape[-1]))
     hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
                            n_edge=e.shape[0])
     out = {"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
@@ -389,7 +390,8 @@ def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, ev
     x = torch.cat(xs)
     t = query_all(teacher, x, cfg.query_batch)
     torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
+                            input_size=int(edge.shape[-1]))
     hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
                            n_edge=e.shape[0])
     out = {"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
@@ -410,7 +412,8 @@ def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig,
     x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
     t = query_all(teacher, x, cfg.query_batch)
     torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1])
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
+                            input_size=int(edge.shape[-1]))
     hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
     out = {"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
            "history": hist, "seconds": time.perf_counter() - t0, "student": student}

@@ -363,7 +363,7 @@ def _digits_teacher(name: str, size: int, seed: int, cache_dir: str, progress: b
 
     path = os.path.join(cache_dir, f"digits_{name}_s{size}_seed{seed}.pt")
     x_tr, y_tr, x_te, y_te = data.digits(size)
-    model = models.create(name, num_classes=10, in_channels=1)
+    model = models.create(name, num_classes=10, in_channels=1, input_size=size)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.eval()
@@ -429,7 +429,8 @@ def cli_distill(argv) -> int:
         eval_data = (x_te, y_te)
         if teacher_acc is None:
             teacher_acc = evaluate(teacher, eval_data)
-    student = models.create(args.student, num_classes=args.num_classes, in_channels=shape[0])
+    student = models.create(args.student, num_classes=args.num_classes, in_channels=shape[0],
+                            input_size=int(shape[-1]))
     say(f"tadfkd: seed {cfg.seed}, config {json.dumps(asdict(cfg))}")
     res = distill(teacher, student, config=cfg, image_shape=shape, eval_data=eval_data, device=args.device,
                   progress=not args.quiet, log=say)
