@@ -30,6 +30,7 @@ def _teacher(arch, size, epochs, cache):
 
     path = os.path.join(cache, f"digits_{arch}_s{size}_e{epochs}_seed0.pt")
     d = data.digits(size)
+    torch.manual_seed(0)
     m = models.create(arch, num_classes=10, in_channels=1)
     if os.path.exists(path):
         m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
