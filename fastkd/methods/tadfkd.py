@@ -153,12 +153,13 @@ def _js_disagreement(t_logits, s_logits, tau):
 
 
 def distill(teacher: nn.Module, student: nn.Module, *, config: TADFKDConfig | None = None,
-            image_shape=(1, 16, 16), num_classes: int | None = None, eval_data=None, device=None,
+            image_shape=(1, 16, 16), eval_data=None, device=None,
             progress: bool = True, log=None) -> dict:
     """Run TA-DFKD; trains ``student`` in place and returns a summary dict.
 
     Args:
-        teacher: frozen classifier (eval mode). Needs BatchNorm layers when ``bn_weight > 0``.
+        teacher: the classifier; put in eval mode and frozen (its parameters stop requiring
+            grad). Needs BatchNorm layers when ``bn_weight > 0``.
         student: the model to train.
         config: :class:`TADFKDConfig`.
         image_shape: (channels, H, W) of the teacher's inputs; H == W, a multiple of 4.
