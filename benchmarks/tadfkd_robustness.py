@@ -30,6 +30,7 @@ def _teacher(arch, size, epochs, cache):
 
     path = os.path.join(cache, f"digits_{arch}_s{size}_e{epochs}_seed0.pt")
     d = data.digits(size)
+    torch.manual_seed(0)
     m = models.create(arch, num_classes=10, in_channels=1)
     if os.path.exists(path):
         m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -38,6 +39,14 @@ def _teacher(arch, size, epochs, cache):
         os.makedirs(cache, exist_ok=True)
         torch.save(m.state_dict(), path)
     return m.eval(), evaluate(m, (d[2], d[3]))
+
+
+def _teacher_job(args):
+    import torch
+
+    torch.set_num_threads(1)
+    arch, size, epochs, cache = args
+    return arch, _teacher(arch, size, epochs, cache)[1]
 
 
 def _run(job):
@@ -146,11 +155,15 @@ def main(argv=None) -> int:
         overrides["lr_s"] = args.lr_s
     os.makedirs(args.out, exist_ok=True)
     print(f"training / loading {len(teachers)} teachers (size {args.size}, {args.teacher_epochs} epochs)", flush=True)
-    for t in teachers:  # sequentially, so that workers find them cached
-        _, acc = _teacher(t, args.size, args.teacher_epochs, args.cache)
-        print(f"  teacher {t}: test acc {100 * acc:.2f}%", flush=True)
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(max(1, min(args.workers, len(teachers)))) as pool:
+        for t, acc in pool.imap_unordered(_teacher_job, [(t, args.size, args.teacher_epochs, args.cache)
+                                                         for t in teachers]):
+            print(f"  teacher {t}: test acc {100 * acc:.2f}%", flush=True)
+    # seed-major, the method itself first: partial results are the most useful ones
     jobs = [(t, s, v, args.size, args.teacher_epochs, args.cache, overrides)
-            for s in seeds for t in teachers for v in variants]
+            for s in seeds for v in variants for t in teachers]
     print(f"{len(jobs)} runs on {args.workers} worker(s)", flush=True)
     json_path = os.path.join(args.out, "tadfkd_robustness.json")
     png_path = os.path.join(args.out, "tadfkd_robustness.png")
@@ -170,8 +183,6 @@ def main(argv=None) -> int:
         return summary
 
     if args.workers > 1:
-        import multiprocessing as mp
-
         with mp.get_context("spawn").Pool(args.workers) as pool:
             for r in pool.imap_unordered(_run, jobs):
                 runs.append(r)

@@ -153,12 +153,13 @@ def _js_disagreement(t_logits, s_logits, tau):
 
 
 def distill(teacher: nn.Module, student: nn.Module, *, config: TADFKDConfig | None = None,
-            image_shape=(1, 16, 16), num_classes: int | None = None, eval_data=None, device=None,
+            image_shape=(1, 16, 16), eval_data=None, device=None,
             progress: bool = True, log=None) -> dict:
     """Run TA-DFKD; trains ``student`` in place and returns a summary dict.
 
     Args:
-        teacher: frozen classifier (eval mode). Needs BatchNorm layers when ``bn_weight > 0``.
+        teacher: the classifier; put in eval mode and frozen (its parameters stop requiring
+            grad). Needs BatchNorm layers when ``bn_weight > 0``.
         student: the model to train.
         config: :class:`TADFKDConfig`.
         image_shape: (channels, H, W) of the teacher's inputs; H == W, a multiple of 4.
@@ -356,21 +357,24 @@ def _summary(res: dict, extra: dict) -> dict:
     return out
 
 
-def _digits_teacher(name: str, size: int, seed: int, cache_dir: str, progress: bool, log):
+def _digits_teacher(name: str, size: int, seed: int, cache_dir: str, progress: bool, log, epochs: int = 40):
     """Train (or load from ``cache_dir``) a digits teacher of architecture ``name``."""
     from .. import data, models
     from ..distill import evaluate, train_teacher
 
-    path = os.path.join(cache_dir, f"digits_{name}_s{size}_seed{seed}.pt")
+    tag = "" if epochs == 40 else f"_e{epochs}"
+    path = os.path.join(cache_dir, f"digits_{name}_s{size}{tag}_seed{seed}.pt")
     x_tr, y_tr, x_te, y_te = data.digits(size)
     model = models.create(name, num_classes=10, in_channels=1, input_size=size)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.eval()
     else:
-        log(f"training the digits teacher {name!r} (seed {seed}); cached at {path}")
+        log(f"training the digits teacher {name!r} (seed {seed}, {epochs} epochs); cached at {path}")
         torch.manual_seed(seed)
-        model, _ = train_teacher(model, data=(x_tr, y_tr, x_te, y_te), seed=seed, progress=progress, log=log)
+        model = models.create(name, num_classes=10, in_channels=1)
+        model, _ = train_teacher(model, data=(x_tr, y_tr, x_te, y_te), epochs=epochs, seed=seed,
+                                 progress=progress, log=log)
         os.makedirs(cache_dir, exist_ok=True)
         torch.save(model.state_dict(), path)
     return model.eval(), evaluate(model, (x_te, y_te))
@@ -393,6 +397,7 @@ def cli_distill(argv) -> int:
                         "--teacher-model), or digits:ARCH to train/load a digits teacher of that "
                         "architecture (default: %(default)s)")
     p.add_argument("--teacher-model", help="model name for a plain state_dict teacher")
+    p.add_argument("--teacher-epochs", type=int, default=40, help="training epochs of a digits:ARCH teacher")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-shape", default="1,16,16", help="C,H,W of the teacher's inputs (default: %(default)s)")
     p.add_argument("--student", default="cnn_half", help="student model name (default: %(default)s)")
@@ -415,7 +420,7 @@ def cli_distill(argv) -> int:
     if args.teacher.startswith("digits:"):
         size = shape[1]
         teacher, teacher_acc = _digits_teacher(args.teacher.split(":", 1)[1], size, 0, args.cache,
-                                               not args.quiet, say)
+                                               not args.quiet, say, epochs=args.teacher_epochs)
     else:
         try:
             from ..teachers import load_teacher
@@ -456,12 +461,17 @@ def cli_demo(argv) -> int:
                                             "writes a sample grid PNG and a JSON summary.")
     p.add_argument("--method", default=METHOD)
     p.add_argument("--teacher-arch", default="cnn_bn", help="cnn_bn, cnn_deep or resnet8 (default: %(default)s)")
-    p.add_argument("--iterations", type=int, default=TADFKDConfig.iterations)
+    p.add_argument("--size", type=int, default=8,
+                   help="digits image side (default: %(default)s, the native resolution: minutes on a CPU)")
+    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/tadfkd-demo")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     args, rest = p.parse_known_args(argv)
     iters = 3 if args.quick else args.iterations
-    extra = ["--student-steps", "2", "--batch-size", "32", "--eval-every", "0"] if args.quick else []
+    extra = ["--student-steps", "2", "--eval-every", "0", "--teacher-epochs", "1"] if args.quick else []
     return cli_distill(["--teacher", f"digits:{args.teacher_arch}", "--out", args.out,
+                        "--image-shape", f"1,{args.size},{args.size}", "--batch-size",
+                        str(16 if args.quick else args.batch_size),
                         "--iterations", str(iters), "--seed", str(args.seed)] + extra + rest)
