@@ -222,6 +222,7 @@ def _with(cls, **fixed):
         args = dict(fixed)
         args.update(kw)
         return cls(num_classes=num_classes, in_channels=in_channels, **args)
+    ctor.__wrapped__ = cls  # inspect.signature (used by create) reports the class's parameters
     return ctor
 
 
