@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include "cake_ops.h"
+#include "cuda/reduce.cuh"
 
 namespace fastkd {
 namespace {
@@ -40,19 +41,6 @@ __global__ void centred_sums_kernel(const scalar_t* __restrict__ p, const int64_
   }
 }
 
-__device__ __forceinline__ double block_sum_d(double v) {
-  __shared__ double ws[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) ws[warp] = v;
-  __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nw ? ws[threadIdx.x] : 0.0;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // One thread per row (rows are short: K is the number of classes).
 template <typename scalar_t, bool GRAD>
 __global__ void __launch_bounds__(256) grad_rows_kernel(
@@ -74,7 +62,7 @@ __global__ void __launch_bounds__(256) grad_rows_kernel(
     }
     acc += w * a;
   }
-  acc = block_sum_d(acc);
+  acc = ::fastkd::cuda::block_sum<double>(acc);
   if (threadIdx.x == 0) part[blockIdx.x] = acc;
 }
 

@@ -10,24 +10,11 @@
 #include <cuda_runtime.h>
 
 #include "fastkd.h"
+#include "cuda/reduce.cuh"
 #include "ot.h"
 
 namespace fastkd {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T id_block_sum(T v) {
-  __shared__ T warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nw ? warp_sums[threadIdx.x] : T(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename scalar_t, typename acc_t, int P, bool GRAD>
 __global__ void __launch_bounds__(256) image_distance_kernel(const scalar_t* __restrict__ a,
@@ -51,7 +38,7 @@ __global__ void __launch_bounds__(256) image_distance_kernel(const scalar_t* __r
       if (GRAD) g[n * D + i] = static_cast<scalar_t>(gscale * acc_t(2) * d);
     }
   }
-  acc = id_block_sum(acc);
+  acc = ::fastkd::cuda::block_sum(acc);
   if (threadIdx.x == 0) partial[n * gridDim.x + blockIdx.x] = acc;
 }
 

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "fastkd.h"
+#include "cuda/reduce.cuh"
 
 namespace fastkd {
 namespace {
@@ -24,20 +25,6 @@ template <typename T, int P>
 __device__ __forceinline__ T tv_g(T d) {
   if constexpr (P == 1) return static_cast<T>(d > T(0)) - static_cast<T>(d < T(0));
   else return T(2) * d;
-}
-
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nw ? warp_sums[threadIdx.x] : T(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
 }
 
 template <typename scalar_t, typename acc_t, int P, bool DIAG, bool GRAD>
@@ -85,7 +72,7 @@ __global__ void __launch_bounds__(256) tv_fwd_kernel(const scalar_t* __restrict_
       gs[i] = static_cast<scalar_t>(g * scale);
     }
   }
-  acc = block_sum(acc);
+  acc = ::fastkd::cuda::block_sum(acc);
   if (threadIdx.x == 0) partial[n * gridDim.x + blockIdx.x] = acc;
 }
 
