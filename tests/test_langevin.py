@@ -62,6 +62,31 @@ def test_reference_philox_known_answer():
     assert [int(t) for t in u] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
+# (seed, element) pairs whose Box-Muller radius uniform is exactly 1 (top 24 bits of the
+# Philox word all ones, probability 2^-24 per pair of normals), found by searching the
+# reference generator: -2 log(1) is -0.0 there, and the normal must come out as 0.
+_RADIUS_ZERO = [(4696, 376), (5947, 166), (13045, 138), (25665, 126)]
+
+
+def test_reference_radius_zero_cases():
+    for seed, e in _RADIUS_ZERO:
+        z = philox_normal(e + 2, seed)
+        assert z[e].item() == 0.0 and z[e + 1].item() == 0.0, (seed, e, z[e:e + 2])
+
+
+@pytest.mark.parametrize("backend", ALL_CPU + gpu_backend_params())
+def test_uniform_one_gives_zero_normal_not_overflow(backend):
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    for seed, e in _RADIUS_ZERO:
+        x = torch.zeros(2, 256, device=device)
+        langevin_step_(x, torch.zeros_like(x), 0.5, noise_std=1.0, seed=seed, backend=backend)
+        want = philox_normal(512, seed, 0, device)
+        flat = x.flatten()
+        assert torch.isfinite(flat).all() and flat.abs().max().item() < 7, (seed, flat.abs().max().item())
+        assert abs(flat[e].item()) < 1e-5 and abs(flat[e + 1].item()) < 1e-5, (seed, e, flat[e:e + 2])
+        torch.testing.assert_close(flat, want, rtol=0, atol=5e-5)
+
+
 @pytest.mark.parametrize("backend", ALL_CPU)
 def test_seed_reproducible_and_distinct(backend):
     x, g = _xg((2, 3, 5, 6), torch.float32)

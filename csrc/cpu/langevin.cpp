@@ -57,9 +57,13 @@ FKD_INLINE float neg2log(float a) {
 }
 
 // sqrt(y) for y >= 0 without a libm call (so the loop vectorises without -fno-math-errno):
-// exponent-halving initial guess, then three Newton steps (error ~1e-7 relative).
+// exponent-halving initial guess, then three Newton steps (error ~1e-7 relative). The sign
+// bit is cleared first: neg2log(1) is -0.0f (probability 2^-24 per draw), whose bits would
+// otherwise give an initial guess of ~1e19 and a huge "normal" number instead of 0.
 FKD_INLINE float sqrt_nn(float y) {
-  float s = std::bit_cast<float>((std::bit_cast<uint32_t>(y) >> 1) + 0x1FBD1DF5u);
+  const uint32_t yb = std::bit_cast<uint32_t>(y) & 0x7FFFFFFFu;
+  y = std::bit_cast<float>(yb);
+  float s = std::bit_cast<float>((yb >> 1) + 0x1FBD1DF5u);
   s = 0.5f * (s + y / s);
   s = 0.5f * (s + y / s);
   s = 0.5f * (s + y / s);

@@ -96,3 +96,16 @@ def test_langevin_noise_statistics_and_seeds():
     for t, s in ((a, 5), (b, 5), (c, 6)):
         langevin_step_(t, torch.zeros_like(t), 0.1, seed=s, backend="triton")
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_langevin_uniform_one_gives_zero_normal():
+    # seeds/elements whose Box-Muller radius uniform is exactly 1 (see tests/test_langevin.py)
+    from fastkd.ops import philox_normal
+
+    for seed, e in [(4696, 376), (5947, 166)]:
+        x = torch.zeros(2, 256, device=DEVICE)
+        langevin_step_(x, torch.zeros_like(x), 0.5, noise_std=1.0, seed=seed, backend="triton")
+        flat = x.flatten()
+        assert torch.isfinite(flat).all() and flat.abs().max().item() < 7
+        assert abs(flat[e].item()) < 1e-5 and abs(flat[e + 1].item()) < 1e-5
+        torch.testing.assert_close(flat.cpu(), philox_normal(512, seed), rtol=0, atol=5e-5)
