@@ -30,8 +30,12 @@ def run_one(method, response, shift, seed, args):
 
     model, _ = digits_teacher()
     edge, test = mekd.digits_edge(shift=shift, seed=seed)
-    cfg = mekd.MEKDConfig(budget=args.budget, response=response, gan_steps=args.gan_steps, epochs=args.epochs,
-                          ngf=args.ngf, seed=seed, w_img=args.w_img)
+    d = mekd.MEKDConfig()
+    cfg = mekd.MEKDConfig(budget=args.budget, response=response,
+                          gan_steps=d.gan_steps if args.gan_steps is None else args.gan_steps,
+                          epochs=d.epochs if args.epochs is None else args.epochs,
+                          ngf=d.ngf if args.ngf is None else args.ngf, seed=seed,
+                          w_img=d.w_img if args.w_img is None else args.w_img)
     bb = BlackBoxTeacher(model, response=response, budget=args.budget, name=f"digits:{method}:{seed}")
     fn = {"mekd": mekd.run_mekd, "kd": mekd.run_kd, "noise": mekd.run_noise}[method]
     t0 = time.perf_counter()
@@ -40,8 +44,8 @@ def run_one(method, response, shift, seed, args):
     st = bb.stats()
     return {"method": method, "response": response, "shift": shift, "seed": seed, "test_acc": r["test_acc"],
             "queries_paid": st["queries_paid_total"], "budget": args.budget, "transfer_set": r["transfer_set"],
-            "gan_steps": args.gan_steps if method == "mekd" else 0, "epochs": args.epochs, "ngf": args.ngf,
-            "w_img": args.w_img if method == "mekd" else 0.0,
+            "gan_steps": cfg.gan_steps if method == "mekd" else 0, "epochs": cfg.epochs, "ngf": cfg.ngf,
+            "w_img": cfg.w_img if method == "mekd" else 0.0, "config": "defaults" if args.defaults else "custom",
             "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(), "grad_clip": cfg.grad_clip}
 
 
@@ -88,15 +92,16 @@ def main(argv=None):
     p.add_argument("--shifts", nargs="+", default=["none", "rotate+noise"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget", type=int, default=20000)
-    p.add_argument("--gan-steps", type=int, default=150)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--ngf", type=int, default=16)
-    p.add_argument("--w-img", type=float, default=1.0)
+    p.add_argument("--gan-steps", type=int, default=None, help="default: MEKDConfig's")
+    p.add_argument("--epochs", type=int, default=None, help="default: MEKDConfig's")
+    p.add_argument("--ngf", type=int, default=None, help="default: MEKDConfig's")
+    p.add_argument("--w-img", type=float, default=None, help="default: MEKDConfig's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on busy machines)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--summarize", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    args.defaults = all(v is None for v in (args.gan_steps, args.epochs, args.ngf, args.w_img))
     if args.summarize:
         summarize(args.out)
         return 0
