@@ -199,7 +199,8 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                   weight_decay: float = 5e-4, schedule: str = "onecycle", temperature: float = 1.0,
                   loss: str = "soft_ce", amp: bool | None = None, eval_data=None, eval_every: int = 1,
                   device=None, seed: int | None = 0, progress: bool = True,
-                  distributed: bool | None = None, log: Callable[[str], None] | None = None) -> History:
+                  distributed: bool | None = None, augment: str | None = None,
+                  log: Callable[[str], None] | None = None) -> History:
     """Distill ``student`` on ``data``; returns a :class:`History`.
 
     Args:
@@ -222,9 +223,17 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         progress: print one line per epoch (rank 0 only).
         distributed: use DistributedDataParallel; default: when torch.distributed is
             initialised with more than one process.
+        augment: None, or "shift": every batch is translated at random by up to one pixel
+            per sample (edges replicated) and relabelled by ``teacher``, whose answers on
+            the shifted inputs replace the stored ones. Data-free: it only needs the
+            teacher and the (synthetic) inputs. Needs ``teacher`` and (N, C, H, W) inputs.
         log: where progress lines go (default: print to stderr).
     """
     op = "train_student"
+    if augment not in (None, "shift"):
+        raise ValueError(f"{op}: augment must be None or 'shift', got {augment!r}")
+    if augment is not None and teacher is None:
+        raise ValueError(f"{op}: augment={augment!r} relabels the augmented inputs, so teacher is required")
     if not isinstance(student, nn.Module):
         raise TypeError(f"{op}: student must be an nn.Module, got {type(student).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
@@ -253,6 +262,8 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
 
     gen = torch.Generator()
     gen.manual_seed(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
+    aug_gen = torch.Generator()
+    aug_gen.manual_seed(gen.initial_seed() + 0x9E3779B9)
     source = _make_source(data, teacher, batch_size, gen, rank if use_ddp else 0, world if use_ddp else 1)
     if isinstance(data, torch.Tensor):  # label once
         source.probs = teacher_probs(teacher, data, device=_device_of(teacher, dev))
@@ -281,7 +292,8 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
 
     hist = History(config=dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                                weight_decay=weight_decay, schedule=schedule, temperature=temperature,
-                               loss=loss, amp=use_amp, seed=seed, world_size=world if use_ddp else 1,
+                               loss=loss, amp=use_amp, seed=seed, augment=augment,
+                               world_size=world if use_ddp else 1,
                                num_parameters=sum(p.numel() for p in student.parameters())))
     t_start = time.perf_counter()
     bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0, write=log)
@@ -291,6 +303,10 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         tot, cnt = 0.0, 0
         for x, p in source:
             x = x.to(dev, non_blocking=True)
+            if augment == "shift":
+                if x.dim() != 4:
+                    raise ValueError(f"{op}: augment='shift' needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
+                x, p = _shift_augment(x, aug_gen), None
             if p is None:
                 with torch.no_grad():
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -322,14 +338,15 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
 
 # --------------------------------------------------------------------------- teacher
 def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (zero... i.e. background-padded)."""
+    """Random per-sample translation by up to ``max_shift`` pixels (edges replicated)."""
     n, _, h, w = x.shape
     pad = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
-    idx_n = torch.arange(n).view(n, 1, 1)
+    dev = x.device
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen).to(dev)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen).to(dev)
+    rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w))  # (n, w)
+    idx_n = torch.arange(n, device=dev).view(n, 1, 1)
     out = pad.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
 

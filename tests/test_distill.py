@@ -98,3 +98,66 @@ def test_evaluate_and_train_teacher_tiny():
     assert acc == h.final_accuracy and 0.0 <= acc <= 1.0
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
     assert distill.evaluate(m, loader) == acc
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a teacher and keeps every input it is asked about."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_shift_augment_is_a_per_sample_translation():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    g = torch.Generator().manual_seed(0)
+    y = distill._shift_augment(x, g, max_shift=1)
+    assert y.shape == x.shape
+    pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    for i in range(2):  # each sample is one of the 9 crops of its replicate-padded self, all channels alike
+        crops = [pad[i, :, dy:dy + 5, dx:dx + 6] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(y[i], c) for c in crops)
+
+
+def test_train_student_shift_augment_relabels_with_teacher_and_is_deterministic():
+    teacher, x = _tiny()
+    ds = SyntheticDataset(x, distill.teacher_probs(teacher, x), torch.arange(64) % 10)
+    runs = []
+    for _ in range(2):
+        rec = _Recorder(teacher)
+        torch.manual_seed(1)
+        s = models.create("cnn_half", width=0.25)
+        h = distill.train_student(s, ds, teacher=rec, augment="shift", epochs=2, batch_size=16, lr=0.05,
+                                  progress=False, seed=3)
+        runs.append((h.losses, rec.seen))
+    seen = runs[0][1]
+    assert len(seen) == 2 * 4  # every batch of every epoch was labelled by the teacher
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    # the teacher saw shifted inputs, not the stored ones
+    stored = {tuple(v.flatten().tolist()) for v in x}
+    shifted = sum(tuple(v.flatten().tolist()) not in stored for b in seen for v in b)
+    assert shifted > 0.5 * sum(b.shape[0] for b in seen)
+    # without augmentation the stored probabilities are used and the teacher is never called
+    rec = _Recorder(teacher)
+    distill.train_student(models.create("cnn_half", width=0.25), ds, teacher=rec, epochs=1, batch_size=16,
+                          progress=False)
+    assert rec.seen == []
+
+
+def test_train_student_augment_bad_input():
+    teacher, x = _tiny()
+    ds = SyntheticDataset(x, distill.teacher_probs(teacher, x), torch.arange(64) % 10)
+    s = models.create("cnn_half", width=0.25)
+    with pytest.raises(ValueError, match="augment must be"):
+        distill.train_student(s, ds, teacher=teacher, augment="flip", epochs=1)
+    with pytest.raises(ValueError, match="teacher is required"):
+        distill.train_student(s, ds, augment="shift", epochs=1)
+    mlp_teacher = torch.nn.Linear(5, 3)
+    flat = torch.randn(8, 5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        distill.train_student(torch.nn.Linear(5, 3), flat, teacher=mlp_teacher, augment="shift", epochs=1,
+                              progress=False)

@@ -6,8 +6,8 @@
 // small stack-sized buffer for its own range, no x-sized noise tensor exists. The
 // generator works on blocks of counters in structure-of-arrays form and the Box-Muller
 // transform uses branch-free polynomial log / sin / cos, so both vectorise; the
-// generator function is compiled for AVX2+FMA and for the baseline ISA and the best is
-// picked at load time.
+// generator function is compiled for x86-64-v3 (AVX2+FMA) and for the baseline ISA and
+// the best is picked at load time by CPU features.
 //
 // The TV gradient needs the old values of a pixel's neighbours. Each (sample, channel)
 // plane is walked row by row: the derivative of the vertical term between rows h and
@@ -29,8 +29,12 @@ namespace {
 
 constexpr int kChunk = 64;  // Philox blocks per generator step (256 normals)
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define FKD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// The AVX2+FMA clone is chosen by CPU features, not by CPU model: "arch=haswell" clones
+// are dispatched with __builtin_cpu_is and so never run on AMD processors.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define FKD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FKD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FKD_CLONES
 #endif
@@ -56,18 +60,11 @@ FKD_INLINE float neg2log(float a) {
   return -2.0f * lg;
 }
 
-// sqrt(y) for y >= 0 without a libm call (so the loop vectorises without -fno-math-errno):
-// exponent-halving initial guess, then three Newton steps (error ~1e-7 relative). The sign
-// bit is cleared first: neg2log(1) is -0.0f (probability 2^-24 per draw), whose bits would
-// otherwise give an initial guess of ~1e19 and a huge "normal" number instead of 0.
+// sqrt(y) for y >= 0. The extension is compiled with -fno-math-errno, so this is one
+// vector square-root instruction. The sign bit is cleared first: neg2log(1) is -0.0f
+// (probability 2^-24 per draw) and must give a radius of 0.
 FKD_INLINE float sqrt_nn(float y) {
-  const uint32_t yb = std::bit_cast<uint32_t>(y) & 0x7FFFFFFFu;
-  y = std::bit_cast<float>(yb);
-  float s = std::bit_cast<float>((yb >> 1) + 0x1FBD1DF5u);
-  s = 0.5f * (s + y / s);
-  s = 0.5f * (s + y / s);
-  s = 0.5f * (s + y / s);
-  return s;
+  return std::sqrt(std::bit_cast<float>(std::bit_cast<uint32_t>(y) & 0x7FFFFFFFu));
 }
 
 // cos and sin of 2 pi b for b in [0, 1): quadrant reduction, Taylor polynomials on [-pi/4, pi/4].
@@ -248,18 +245,22 @@ void run_step(at::Tensor& x, const at::Tensor& grad, const float* lr_p, double l
   }
 
   // Element-wise: tasks are chunks of one sample.
-  constexpr int64_t kTask = 8192;
+  constexpr int64_t kTask = 8192, kSub = 1024;
   const int64_t tps = (per + kTask - 1) / kTask;
   at::parallel_for(0, N * tps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zbuf(kTask + 8, 0.0f);
+    std::vector<float> zbuf(kSub + 8, 0.0f);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tps, c = t % tps;
       const int64_t e0 = n * per + c * kTask;
       const int64_t len = std::min<int64_t>(kTask, per - c * kTask);
-      const float* z = noise ? normals_range(seed, e0, len, zbuf.data()) : zbuf.data();
       const acc_t sdn = noise ? sd_of(n) : acc_t(0);
-      if (do_clamp) update_run<scalar_t, acc_t, true>(xp + e0, gp + e0, z, len, lr_of(n), sdn, alo, ahi);
-      else update_run<scalar_t, acc_t, false>(xp + e0, gp + e0, z, len, lr_of(n), sdn, alo, ahi);
+      // sub-chunks keep the normals buffer in L1 while x and grad stream through
+      for (int64_t o = 0; o < len; o += kSub) {
+        const int64_t m = std::min<int64_t>(kSub, len - o);
+        const float* z = noise ? normals_range(seed, e0 + o, m, zbuf.data()) : zbuf.data();
+        if (do_clamp) update_run<scalar_t, acc_t, true>(xp + e0 + o, gp + e0 + o, z, m, lr_of(n), sdn, alo, ahi);
+        else update_run<scalar_t, acc_t, false>(xp + e0 + o, gp + e0 + o, z, m, lr_of(n), sdn, alo, ahi);
+      }
     }
   });
 }

@@ -17,8 +17,9 @@ import torch
 METHODS = ["cake", "lake"]
 
 #: The bundled default (``fastkd demo``): sized to finish within 5 minutes on a 2-core CPU.
-DEMO = dict(size=8, num_samples=3200, batch_size=100, steps=100, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-2, 1e-5),
-            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=64, student_lr=0.1)
+DEMO = dict(size=8, num_samples=12800, batch_size=100, steps=25, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-2, 1e-5),
+            schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=64, student_lr=0.1,
+            augment="shift")
 
 
 def _log(msg: str) -> None:
@@ -140,8 +141,8 @@ def noise_baseline(teacher, student, *, num_samples: int, input_shape, epochs: i
     x = torch.randn((num_samples, *input_shape), generator=g)
     dev = next(iter(teacher.parameters())).device
     p = teacher_probs(teacher, x, device=dev)
-    return train_student(student, (x, p), epochs=epochs, seed=seed, eval_data=eval_data, progress=progress,
-                         **train_kwargs)
+    return train_student(student, (x, p), teacher=teacher, epochs=epochs, seed=seed, eval_data=eval_data,
+                         progress=progress, **train_kwargs)
 
 
 def save_sample_grid(ds, path: str, per_class: int = 8, title: str | None = None) -> str:
@@ -188,14 +189,17 @@ def _fmt_table(rows) -> str:
 # --------------------------------------------------------------------------- demo
 def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: int = 0, train_teacher: bool = False,
              num_samples: int | None = None, steps: int | None = None, epochs: int | None = None,
-             reference: bool = False, baseline: bool = True, device=None, progress: bool = True,
+             augment: str | None = "default", reference: bool = False, baseline: bool = True, device=None, progress: bool = True,
              threads: int | None = None) -> dict:
     """The bundled default end to end; returns (and writes) the JSON summary.
 
     Teacher: the bundled digits CNN (or one trained now with ``train_teacher=True``);
     synthesis: CAKE/LAKE with :data:`DEMO`; student: ``cnn_half`` distilled on the
     synthetic set; baseline: the same student recipe on teacher-labelled N(0, I) inputs;
-    ``reference=True`` adds the eager authors' loop at the same budget.
+    ``reference=True`` adds the eager authors' loop at the same budget. ``augment``: the
+    student's teacher-relabelled shift augmentation (:func:`fastkd.distill.train_student`),
+    "shift" by default, None to train on the synthetic samples as they are; the baseline
+    and the reference get the same recipe.
     Only the digits test split is touched, for evaluation.
     """
     from fastkd import data, distill, models
@@ -209,6 +213,8 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
     dev = _device(device)
     cfg = dict(DEMO)
     cfg.update({k: v for k, v in dict(num_samples=num_samples, steps=steps, epochs=epochs).items() if v is not None})
+    if augment != "default":
+        cfg["augment"] = None if augment in (None, "none") else augment
     t_all = time.perf_counter()
     timings = {}
     _, _, x_te, y_te = data.digits(cfg["size"])  # evaluation only
@@ -236,7 +242,8 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
     grid = save_sample_grid(ds, os.path.join(out_dir, f"samples_{method}.png"),
                             title=f"{method.upper()} samples for the digits teacher (rows: class 0-9)")
 
-    train_kw = dict(epochs=cfg["epochs"], batch_size=cfg["student_batch_size"], lr=cfg["student_lr"])
+    train_kw = dict(epochs=cfg["epochs"], batch_size=cfg["student_batch_size"], lr=cfg["student_lr"],
+                    augment=cfg["augment"])
 
     def student():
         torch.manual_seed(seed)
@@ -245,8 +252,8 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
 
     t0 = time.perf_counter()
     s = student()
-    h = distill.train_student(s, ds, eval_data=test, seed=seed, progress=progress, eval_every=cfg["epochs"],
-                              **train_kw)
+    h = distill.train_student(s, ds, teacher=teacher, eval_data=test, seed=seed, progress=progress,
+                              eval_every=cfg["epochs"], **train_kw)
     timings["student"] = time.perf_counter() - t0
     rows = [("teacher (cnn)", t_acc, timings["teacher"], "bundled checkpoint" if not train_teacher else "trained now"),
             (f"student {cfg['student']} [{method}]", h.final_accuracy, timings["synthesis"] + timings["student"],
@@ -264,7 +271,7 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
         ref = authors_loop(teacher, langevin=(method == "lake"), progress=progress, **syn_kw)
         timings["reference_synthesis"] = time.perf_counter() - t0
         sr = student()
-        hr = distill.train_student(sr, ref, eval_data=test, seed=seed, progress=progress,
+        hr = distill.train_student(sr, ref, teacher=teacher, eval_data=test, seed=seed, progress=progress,
                                    eval_every=cfg["epochs"], **train_kw)
         timings["reference_student"] = time.perf_counter() - t0 - timings["reference_synthesis"]
         rows.append((f"student [authors' loop, {method}]", hr.final_accuracy,
@@ -314,6 +321,8 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the noise baseline")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--augment", choices=["shift", "none"], default=DEMO["augment"],
+                   help="student batches shifted by up to 1 pixel and relabelled by the teacher, or none")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -321,7 +330,7 @@ def _demo_parser() -> argparse.ArgumentParser:
 def cli_demo(argv) -> int:
     a = _demo_parser().parse_args(argv)
     run_demo(a.method, out_dir=a.out, seed=a.seed, train_teacher=a.train_teacher, num_samples=a.num_samples,
-             steps=a.steps, epochs=a.epochs, reference=a.reference, baseline=not a.no_baseline, device=a.device,
+             steps=a.steps, epochs=a.epochs, augment=a.augment, reference=a.reference, baseline=not a.no_baseline, device=a.device,
              progress=not a.quiet, threads=a.threads)
     return 0
 
@@ -348,6 +357,9 @@ def _distill_parser() -> argparse.ArgumentParser:
     g.add_argument("--student-lr", type=float, default=0.5, help="peak SGD lr (one-cycle)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--loss", choices=["soft_ce", "kl"], default="soft_ce")
+    g.add_argument("--augment", choices=["shift", "none"], default="shift",
+                   help="shift: translate every student batch by up to 1 pixel per sample and relabel it with "
+                        "the teacher (image inputs only); none: train on the synthetic samples as they are")
     add_synthesis_args(p)
     p.add_argument("--data", metavar="PATH", help="use this synthetic data set (a .pt file or a synthesis out "
                    "folder) instead of synthesising")
@@ -388,7 +400,9 @@ def cli_distill(argv) -> int:
     student = models.create(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape)).to(dev)
     h = distill.train_student(student, ds, epochs=a.epochs, batch_size=a.student_batch_size, lr=a.student_lr,
                               temperature=a.temperature, loss=a.loss, eval_data=eval_data, seed=a.seed,
-                              progress=not a.quiet, device=dev)
+                              progress=not a.quiet, device=dev,
+                              augment=None if a.augment == "none" or len(shape) != 3 else a.augment,
+                              teacher=teacher if a.augment != "none" else None)
     if rank == 0:
         save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
                      in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape))
