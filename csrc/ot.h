@@ -14,6 +14,12 @@ std::tuple<at::Tensor, at::Tensor> image_distance_fwd_cpu(const at::Tensor& a, c
 std::tuple<at::Tensor, at::Tensor> image_distance_fwd_cuda(const at::Tensor& a, const at::Tensor& b,
                                                            int64_t p, int64_t reduction, bool need_grad);
 
+// Gradients of sum_ij grad_ij ||a_i - b_j||^2 with respect to a and b (an empty tensor for
+// one not needed): ga = 2 (r * a - grad b), r = grad 1, and the same for b with grad^T.
+// ATen calls only, so the same function serves the CPU and CUDA backends.
+std::tuple<at::Tensor, at::Tensor> pairwise_sqdist_bwd(const at::Tensor& grad, const at::Tensor& a,
+                                                       const at::Tensor& b, bool need_a, bool need_b);
+
 // Counter-based normal numbers shared by every backend (and by the Python reference):
 // z(seed, l, d) for direction l and coordinate d.
 #if defined(__CUDACC__)

@@ -49,7 +49,7 @@ _C_INFO: dict = {}
 EXPECTED_OPS = (
     "tv_loss_fwd",
     "cross_class_contrastive_fwd", "langevin_step_", "philox_normal",
-    "image_distance_fwd", "pairwise_sqdist_fwd", "sliced_project", "sliced_backproject",
+    "image_distance_fwd", "pairwise_sqdist_fwd", "pairwise_sqdist_bwd", "sliced_project", "sliced_backproject",
     "linear_assignment", "sinkhorn_log",
     "bn_stats_fwd", "bn_stats_bwd",
 )

@@ -210,6 +210,7 @@ at::Tensor sliced_backproject_cuda(const at::Tensor& g_in, const at::Tensor& inv
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("pairwise_sqdist_fwd", &fastkd::pairwise_sqdist_fwd_cuda);
+  m.impl("pairwise_sqdist_bwd", &fastkd::pairwise_sqdist_bwd);
   m.impl("sliced_project", &fastkd::sliced_project_cuda);
   m.impl("sliced_backproject", &fastkd::sliced_backproject_cuda);
 }
