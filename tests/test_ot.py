@@ -340,3 +340,22 @@ def test_gpu_backends(backend):
     ac = a.cpu().requires_grad_(True)
     wasserstein(ac, b.cpu(), method="sliced", seed=2, backend="torch").backward()
     torch.testing.assert_close(ar.grad.cpu(), ac.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_sqdist_cpp_torch_compile_fullgraph_forward_backward():
+    if not fastkd.backends()["cpp"].available:
+        pytest.skip(fastkd.backends()["cpp"].reason)
+    a = torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, 4, dtype=torch.float64)
+    f = torch.compile(lambda x, y: (pairwise_sqdist(x, y, backend="cpp") * w).sum(), fullgraph=True)
+    ga, gb = torch.autograd.grad(f(a, b), (a, b))
+    from fastkd.ops.ot import pairwise_sqdist_reference
+
+    ra, rb = torch.autograd.grad((pairwise_sqdist_reference(a, b) * w).sum(), (a, b))
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)
+    # only one input requiring grad: the other gradient is not computed
+    a2 = a.detach().requires_grad_(True)
+    (g1,) = torch.autograd.grad((pairwise_sqdist(a2, b.detach(), backend="cpp") * w).sum(), (a2,))
+    torch.testing.assert_close(g1, ra)

@@ -385,8 +385,11 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor, *, method: str = "exact", p: f
 def register_cpp() -> None:
     torch.library.register_fake("fastkd::pairwise_sqdist_fwd")(_sqdist_fake)
     torch.library.register_fake("fastkd::pairwise_sqdist_bwd")(_sqdist_bwd_fake)
-    torch.library.register_autograd("fastkd::pairwise_sqdist_fwd", _sqdist_backward_compiled,
-                                    setup_context=_sqdist_setup)
+    # The extension registers a C++ autograd kernel (csrc/autograd.cpp), which saves a
+    # Python autograd.Function per call; the Python one is only a fallback.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::pairwise_sqdist_fwd", "Autograd"):
+        torch.library.register_autograd("fastkd::pairwise_sqdist_fwd", _sqdist_backward_compiled,
+                                        setup_context=_sqdist_setup)
     torch.library.register_fake("fastkd::sliced_project")(_project_fake)
     torch.library.register_fake("fastkd::sliced_backproject")(_backproject_fake)
     torch.library.register_autograd("fastkd::sliced_project",
