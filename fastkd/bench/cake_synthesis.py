@@ -18,9 +18,9 @@ from .core import Case
 
 def _cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
-        specs = [("lenet5", (1, 32, 32), 500), ("resnet18", (3, 32, 32), 500)]
+        specs = [("lenet5", (1, 32, 32), 500), ("resnet18", (3, 32, 32), 500), ("cnn", (1, 8, 8), 500)]
     else:  # a ResNet-18 step on 500 images takes seconds on a CPU
-        specs = [("lenet5", (1, 32, 32), 500), ("resnet18", (3, 32, 32), 16)]
+        specs = [("lenet5", (1, 32, 32), 500), ("resnet18", (3, 32, 32), 16), ("cnn", (1, 8, 8), 100)]
     if quick:
         specs = specs[:1]
     out = []
@@ -28,7 +28,8 @@ def _cases(device: str, quick: bool) -> list[Case]:
     for name, shape, batch in specs:
         for langevin in (False, True):
             torch.manual_seed(0)
-            teacher = models.create(name, num_classes=10, in_channels=shape[0]).to(device).eval()
+            extra = {"input_size": shape[-1]} if name == "cnn" else {}  # cnn: the bundled digits teacher's model
+            teacher = models.create(name, num_classes=10, in_channels=shape[0], **extra).to(device).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
             gen = torch.Generator().manual_seed(0)
