@@ -3,10 +3,15 @@
 
     python benchmarks/contrastive_n16384_cpu.py
 """
-import sys, time, torch, resource
-sys.path.insert(0, __import__('os').path.dirname(__import__('os').path.dirname(__import__('os').path.abspath(__file__))))
-import fastkd
-from fastkd.ops import cross_class_contrastive
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastkd.ops import cross_class_contrastive  # noqa: E402
 torch.set_num_threads(2)
 N, K = 16384, 10
 g = torch.Generator().manual_seed(0)
