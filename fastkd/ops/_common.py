@@ -18,6 +18,16 @@ def check_float(name: str, t: torch.Tensor, op: str) -> None:
                         f"or float64), got dtype {t.dtype}")
 
 
+def check_float_pair(op: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """a and b: floating-point tensors of one dtype on one device (errors name both)."""
+    check_float("a", a, op)
+    check_float("b", b, op)
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{op}: a and b must be on the same device, got a on {a.device} and b on {b.device}")
+
+
 def check_reduction(reduction, op: str, allowed=("none", "mean", "sum")) -> int:
     if reduction not in allowed:
         raise ValueError(f"{op}: reduction must be one of {allowed}, got {reduction!r}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend as B
-from ._common import check_float, check_reduction, compute_dtype
+from ._common import check_float_pair, check_reduction, compute_dtype
 
 __all__ = ["image_distance", "image_distance_reference"]
 
@@ -39,12 +39,7 @@ def image_distance_reference(a: torch.Tensor, b: torch.Tensor, p: int = 1,
 
 def _check(a, b, p, reduction) -> int:
     op = "image_distance"
-    check_float("a", a, op)
-    check_float("b", b, op)
-    if a.dtype != b.dtype:
-        raise TypeError(f"{op}: a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{op}: a and b must be on the same device, got a on {a.device} and b on {b.device}")
+    check_float_pair(op, a, b)
     if a.dim() < 1:
         raise ValueError(f"{op}: a must have a leading sample dimension (N, ...), got a 0-D tensor")
     if a.shape != b.shape:

@@ -41,7 +41,7 @@ import numbers
 import torch
 
 from .. import _backend as B
-from ._common import check_float, compute_dtype
+from ._common import check_float_pair, compute_dtype
 from .image_distance import image_distance
 
 __all__ = ["pairwise_sqdist", "pairwise_sqdist_reference", "wasserstein", "sliced_directions",
@@ -57,12 +57,7 @@ def _tau(dtype: torch.dtype) -> float:
 
 # --------------------------------------------------------------------------- checks
 def _check_pair(op, a, b, same_n=False, same_n_why=""):
-    check_float("a", a, op)
-    check_float("b", b, op)
-    if a.dtype != b.dtype:
-        raise TypeError(f"{op}: a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{op}: a and b must be on the same device, got a on {a.device} and b on {b.device}")
+    check_float_pair(op, a, b)
     if a.dim() < 2:
         raise ValueError(f"{op}: a must have shape (N, ...) with at least one feature dimension, got "
                          f"shape {tuple(a.shape)}")
