@@ -3,21 +3,15 @@ Triton's CPU interpreter, in their own invocation:
 
     TRITON_INTERPRET=1 python -m pytest tests/triton
 """
-import os
-
 import numpy as np
 import pytest
 import torch
 
-import fastkd
 from fastkd.ops import bn_stats_loss, bn_stats_loss_reference, gmm_fit
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not fastkd.backends()["triton"].available,
-    reason=f"triton backend unavailable here ({fastkd.backends()['triton'].reason}); "
-           "run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
-DEVICE = "cpu" if INTERP and not torch.cuda.is_available() else "cuda"
+from triton_env import DEVICE, requires_triton
+
+pytestmark = requires_triton
 
 
 def _check_bn(shape, dtype=torch.float64, make=None):

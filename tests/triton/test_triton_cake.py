@@ -4,20 +4,15 @@ Triton's CPU interpreter, in their own invocation:
     TRITON_INTERPRET=1 python -m pytest tests/triton
 """
 import math
-import os
 
 import pytest
 import torch
 
-import fastkd
 from fastkd.ops import cross_class_contrastive, langevin_step_, langevin_step_reference, tv_loss
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not fastkd.backends()["triton"].available,
-    reason=f"triton backend unavailable here ({fastkd.backends()['triton'].reason}); "
-           "run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
-DEVICE = "cpu" if INTERP and not torch.cuda.is_available() else "cuda"
+from triton_env import DEVICE, requires_triton
+
+pytestmark = requires_triton
 
 
 def naive(p, y, g=None, reduction="sum"):

@@ -3,20 +3,14 @@ GPU these run in Triton's CPU interpreter, in their own invocation:
 
     TRITON_INTERPRET=1 python -m pytest tests/triton
 """
-import os
-
 import pytest
 import torch
 
-import fastkd
 from fastkd.ops import image_distance, image_distance_reference, pairwise_sqdist, sliced_directions, wasserstein
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not fastkd.backends()["triton"].available,
-    reason=f"triton backend unavailable here ({fastkd.backends()['triton'].reason}); "
-           "run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
-DEVICE = "cpu" if INTERP and not torch.cuda.is_available() else "cuda"
+from triton_env import DEVICE, requires_triton
+
+pytestmark = requires_triton
 
 
 def cdist2(a, b):

@@ -4,20 +4,14 @@ fastkd (and triton) are imported:
 
     TRITON_INTERPRET=1 python -m pytest tests/triton
 """
-import os
-
 import pytest
 import torch
 
-import fastkd
 from fastkd.ops import tv_loss, tv_loss_reference
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not fastkd.backends()["triton"].available,
-    reason=f"triton backend unavailable here ({fastkd.backends()['triton'].reason}); "
-           "run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
-DEVICE = "cpu" if INTERP and not torch.cuda.is_available() else "cuda"
+from triton_env import DEVICE, requires_triton
+
+pytestmark = requires_triton
 
 
 def _check(shape, p, diagonal, reduction, dtype=torch.float64, make=None):
