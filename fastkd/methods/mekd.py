@@ -329,12 +329,28 @@ def _edge_subset(teacher, edge, budget):
     return edge[:n]
 
 
+def _fresh_student(x, t, edge, *, G, num_classes, cfg, eval_data, progress, log, n_edge=0):
+    """A new ``cfg.student`` (seeded by ``cfg.seed``) distilled on (x, t); returns (student, history)."""
+    from fastkd import models
+
+    torch.manual_seed(cfg.seed)
+    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
+                            input_size=int(edge.shape[-1]))
+    hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
+                           n_edge=n_edge)
+    return student, hist
+
+
+def _with_test_acc(out: dict, eval_data) -> dict:
+    if eval_data is not None:
+        out["test_acc"] = out["history"]["epochs"][-1]["test_acc"]
+    return out
+
+
 def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
              progress: bool = True, log=print) -> dict:
     """Deprivatization, transfer-set queries and distillation; returns a summary dict
     (``"student"`` and ``"generator"`` hold the models)."""
-    from fastkd import models
-
     t0 = time.perf_counter()
     budget = cfg.budget
     # 1. the edge images, answered once
@@ -359,26 +375,19 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
     if progress:
         log(f"[mekd] transfer set: {e.shape[0]} edge + {xg.shape[0]} from deprivatization + "
             f"{xs.shape[0]} generated = {x.shape[0]} answered images")
-    torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
-                            input_size=int(edge.shape[-1]))
-    hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
-                           n_edge=e.shape[0])
-    out = {"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
-           "deprivatization": int(xg.shape[0]), "generated": int(xs.shape[0])},
-           "history": hist, "seconds": time.perf_counter() - t0, "seconds_deprivatization": t_gan,
-           "student": student, "generator": G, "samples": xs[:64] if len(xs) else xg[:64]}
-    if eval_data is not None:
-        out["test_acc"] = hist["epochs"][-1]["test_acc"]
-    return out
+    student, hist = _fresh_student(x, t, edge, G=G, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
+                                   progress=progress, log=log, n_edge=e.shape[0])
+    return _with_test_acc({"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
+                           "deprivatization": int(xg.shape[0]), "generated": int(xs.shape[0])},
+                           "history": hist, "seconds": time.perf_counter() - t0, "seconds_deprivatization": t_gan,
+                           "student": student, "generator": G, "samples": xs[:64] if len(xs) else xg[:64]},
+                          eval_data)
 
 
 def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
            augment: bool = True, progress: bool = True, log=print) -> dict:
     """Plain KD baseline on the same edge data and budget: the edge images, then randomly
     shifted/rotated copies of them until the budget is spent; Hinton loss only."""
-    from fastkd import models
-
     t0 = time.perf_counter()
     e = _edge_subset(teacher, edge, cfg.budget)
     xs = [e]
@@ -389,37 +398,24 @@ def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, ev
         xs.append(_jitter(edge[idx], g))
     x = torch.cat(xs)
     t = query_all(teacher, x, cfg.query_batch)
-    torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
-                            input_size=int(edge.shape[-1]))
-    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
-                           n_edge=e.shape[0])
-    out = {"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
-           "augmented": int(x.shape[0] - e.shape[0])}, "history": hist,
-           "seconds": time.perf_counter() - t0, "student": student}
-    if eval_data is not None:
-        out["test_acc"] = hist["epochs"][-1]["test_acc"]
-    return out
+    student, hist = _fresh_student(x, t, edge, G=None, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
+                                   progress=progress, log=log, n_edge=e.shape[0])
+    return _with_test_acc({"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
+                           "augmented": int(x.shape[0] - e.shape[0])}, "history": hist,
+                           "seconds": time.perf_counter() - t0, "student": student}, eval_data)
 
 
 def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
               progress: bool = True, log=print) -> dict:
     """The no-skill baseline (GUIDE.md): the whole budget on N(0, I) images, Hinton loss only."""
-    from fastkd import models
-
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(cfg.seed + 7)
     x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
     t = query_all(teacher, x, cfg.query_batch)
-    torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
-                            input_size=int(edge.shape[-1]))
-    hist = distill_student(student, x, t, G=None, cfg=cfg, eval_data=eval_data, progress=progress, log=log)
-    out = {"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
-           "history": hist, "seconds": time.perf_counter() - t0, "student": student}
-    if eval_data is not None:
-        out["test_acc"] = hist["epochs"][-1]["test_acc"]
-    return out
+    student, hist = _fresh_student(x, t, edge, G=None, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
+                                   progress=progress, log=log)
+    return _with_test_acc({"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
+                           "history": hist, "seconds": time.perf_counter() - t0, "student": student}, eval_data)
 
 
 def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
