@@ -151,14 +151,6 @@ def _sqdist_backward(ctx, grad):
     return ga, gb
 
 
-def _sqdist_backward_compiled(ctx, grad):
-    # the same formula in one compiled op (cpp / cuda backends): less Python per backward
-    a, b = ctx.saved_tensors
-    na, nb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ga, gb = torch.ops.fastkd.pairwise_sqdist_bwd(grad, a, b, na, nb)
-    return (ga if na else None), (gb if nb else None)
-
-
 def _sqdist_bwd_fake(grad, a, b, need_a, need_b):
     return (a.new_empty(a.shape) if need_a else a.new_empty(0)), (b.new_empty(b.shape) if need_b else b.new_empty(0))
 
@@ -380,11 +372,8 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor, *, method: str = "exact", p: f
 def register_cpp() -> None:
     torch.library.register_fake("fastkd::pairwise_sqdist_fwd")(_sqdist_fake)
     torch.library.register_fake("fastkd::pairwise_sqdist_bwd")(_sqdist_bwd_fake)
-    # The extension registers a C++ autograd kernel (csrc/autograd.cpp), which saves a
-    # Python autograd.Function per call; the Python one is only a fallback.
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::pairwise_sqdist_fwd", "Autograd"):
-        torch.library.register_autograd("fastkd::pairwise_sqdist_fwd", _sqdist_backward_compiled,
-                                        setup_context=_sqdist_setup)
+    # autograd of pairwise_sqdist_fwd is registered by the extension itself, in C++
+    # (csrc/autograd.cpp: no Python autograd.Function per call)
     torch.library.register_fake("fastkd::sliced_project")(_project_fake)
     torch.library.register_fake("fastkd::sliced_backproject")(_backproject_fake)
     torch.library.register_autograd("fastkd::sliced_project",
