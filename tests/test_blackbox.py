@@ -156,6 +156,24 @@ def test_remote_soft_matches_model_and_counts_bytes(served):
     assert bb.metadata()["inputs"][0]["shape"] == [-1] + SHAPE
 
 
+def test_local_float32_softmax_module_answers_bit_identical_to_server(served):
+    """The server sends a float32 softmax as 9-digit JSON: a local module computing the same
+    softmax (outputs="probs") gets the same bits, so local and HTTP runs can be compared
+    exactly (docs/mekd.md); the logits path (float64 softmax) differs only by rounding."""
+    m, srv, _ = served
+
+    class Softmax(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(m(x).float(), 1)
+
+    x = torch.randn(40, *SHAPE) * 3
+    remote = BlackBoxTeacher(url=srv.url + "/v2/models/tiny", response="soft", max_batch=16)(x)
+    local = BlackBoxTeacher(Softmax(), response="soft", outputs="probs")(x)
+    assert torch.equal(local, remote)
+    from_logits = BlackBoxTeacher(m, response="soft")(x)
+    assert (from_logits - remote).abs().max().item() < 1e-6
+
+
 def test_remote_hard_labels_and_client_side_hard(served):
     m, srv, _ = served
     x = torch.randn(9, *SHAPE)
