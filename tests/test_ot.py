@@ -108,6 +108,18 @@ def test_sqdist_opcheck():
                           (torch.rand(4, 5, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sqdist_nan_input_gives_nan_not_zero(backend):
+    """The never-negative clamp must not turn NaN into 0 (a NaN input silently became an
+    all-zero distance matrix): NaN where the PyTorch reference has NaN."""
+    a, b = torch.randn(5, 3), torch.randn(4, 3)
+    a[1, 2] = float("nan")
+    got = pairwise_sqdist(a, b, backend=backend)
+    want = pairwise_sqdist(a, b, backend="torch")
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
 # --------------------------------------------------------------------------- assignment
 @pytest.mark.parametrize("solver", ["scipy"] + [pytest.param("cpp", marks=pytest.mark.skipif(
     not fastkd.backends()["cpp"].available, reason="cpp extension not built"))])
@@ -125,6 +137,43 @@ def test_linear_assignment_ties():
         pytest.skip("cpp extension not built")
     c = torch.ones(5, 5, dtype=torch.float64)
     assert sorted(linear_assignment(c, solver="cpp").tolist()) == list(range(5))
+
+
+@pytest.mark.skipif(not fastkd.backends()["cpp"].available, reason="cpp extension not built")
+@pytest.mark.parametrize("kind", ["uniform", "few_values", "rank_one", "large_negative", "constant"])
+def test_linear_assignment_cpp_optimal_on_degenerate_costs(kind):
+    """Many ties and degenerate matrices (where the search's tie-breaking matters), sizes 1-39,
+    against scipy's optimal cost."""
+    rng = np.random.default_rng(["uniform", "few_values", "rank_one", "large_negative", "constant"].index(kind))
+    for _ in range(120):
+        n = int(rng.integers(1, 40))
+        c = {"uniform": lambda: rng.random((n, n)),
+             "few_values": lambda: rng.integers(0, 4, (n, n)).astype(float),
+             "rank_one": lambda: np.outer(rng.random(n), rng.random(n)),
+             "large_negative": lambda: -rng.integers(0, 100, (n, n)).astype(float) * 1e6,
+             "constant": lambda: np.full((n, n), 3.0)}[kind]()
+        col = linear_assignment(torch.from_numpy(c), solver="cpp").numpy()
+        assert sorted(col.tolist()) == list(range(n))
+        r, cc = linear_sum_assignment(c)
+        assert c[np.arange(n), col].sum() == pytest.approx(c[r, cc].sum(), rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["auto", "scipy"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_linear_assignment_non_finite_cost_is_an_error(solver, bad):
+    c = torch.rand(6, 6, dtype=torch.float64)
+    c[2, 3] = bad
+    with pytest.raises(ValueError, match="cost must be finite"):
+        linear_assignment(c, solver=solver)
+    with pytest.raises(ValueError, match="cost must be a square matrix"):
+        linear_assignment(torch.rand(3, 4), solver=solver)
+
+
+def test_exact_wasserstein_non_finite_input_is_an_error():
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    a[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="a and b must be finite"):
+        wasserstein(a, b, method="exact")
 
 
 # --------------------------------------------------------------------------- exact
@@ -364,6 +413,10 @@ def test_gpu_backends(backend):
     ac = a.cpu().requires_grad_(True)
     wasserstein(ac, b.cpu(), method="sliced", seed=2, backend="torch").backward()
     torch.testing.assert_close(ar.grad.cpu(), ac.grad, rtol=1e-5, atol=1e-8)
+    an = a.flatten(1).clone()
+    an[1, 2] = float("nan")
+    assert torch.equal(torch.isnan(pairwise_sqdist(an, b.flatten(1), backend=backend)).cpu(),
+                       torch.isnan(pairwise_sqdist(an.cpu(), b.flatten(1).cpu(), backend="torch")))
 
 
 def test_sqdist_cpp_torch_compile_fullgraph_forward_backward():

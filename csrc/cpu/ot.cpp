@@ -127,7 +127,7 @@ at::Tensor pairwise_sqdist_fwd_cpu(const at::Tensor& a_in, const at::Tensor& b_i
             }
             d = s;
           }
-          op[i * M + j] = static_cast<scalar_t>(d > 0.0 ? d : 0.0);
+          op[i * M + j] = static_cast<scalar_t>(d < 0.0 ? 0.0 : d);  // NaN stays NaN
         }
       }
     });
@@ -257,8 +257,12 @@ at::Tensor sliced_backproject_cpu(const at::Tensor& g_in, const at::Tensor& inv_
   return out.to(g_in.scalar_type());
 }
 
-// Minimum-cost perfect matching of a square cost matrix: shortest augmenting paths with
-// dual potentials (Jonker-Volgenant / Hungarian form, O(n^3)), in double precision.
+// Minimum-cost perfect matching of a square cost matrix by shortest augmenting paths
+// (Jonker-Volgenant form, O(n^3)), in double precision. Each free row grows one
+// Dijkstra-like search over reduced costs c_ij - u_i - v_j: it scans only the columns not
+// yet reached (a shrinking list, swap-removed), prefers a free column among equally cheap
+// ones (the path can end there), and updates the duals of the rows and columns it reached
+// once at the end, from their path lengths, rather than every column at every step.
 at::Tensor linear_assignment_cpu(const at::Tensor& cost_in) {
   TORCH_CHECK(cost_in.dim() == 2 && cost_in.size(0) == cost_in.size(1),
               "linear_assignment: a square cost matrix is expected");
@@ -266,44 +270,53 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in) {
   const at::Tensor cost = cost_in.to(at::kDouble).contiguous();
   const int64_t n = cost.size(0);
   const double* c = cost.const_data_ptr<double>();
+  for (int64_t k = 0; k < n * n; ++k)
+    TORCH_CHECK(std::isfinite(c[k]), "linear_assignment: cost must be finite (NaN or Inf found)");
   const double inf = std::numeric_limits<double>::infinity();
-  // 1-based rows/cols with 0 as the virtual start column, as in the classic formulation.
-  std::vector<double> u(n + 1, 0.0), v(n + 1, 0.0), minv(n + 1);
-  std::vector<int64_t> match(n + 1, 0), way(n + 1, 0);  // match[col] = row
-  std::vector<char> used(n + 1);
-  for (int64_t i = 1; i <= n; ++i) {
-    match[0] = i;
-    int64_t j0 = 0;
-    std::fill(minv.begin(), minv.end(), inf);
-    std::fill(used.begin(), used.end(), 0);
-    do {
-      used[j0] = 1;
-      const int64_t i0 = match[j0];
-      const double* row = c + (i0 - 1) * n - 1;  // row[j] = cost(i0, j), j 1-based
-      const double ui = u[i0];
-      double delta = inf;
-      int64_t j1 = 0;
-      for (int64_t j = 1; j <= n; ++j) {
-        if (used[j]) continue;
-        const double cur = row[j] - ui - v[j];
-        if (cur < minv[j]) { minv[j] = cur; way[j] = j0; }
-        if (minv[j] < delta) { delta = minv[j]; j1 = j; }
+  std::vector<double> u(n, 0.0), v(n, 0.0), dist(n);
+  std::vector<int64_t> row4col(n, -1), col4row(n, -1), pred(n), todo(n), rows_seen, cols_seen;
+  rows_seen.reserve(n);
+  cols_seen.reserve(n);
+  for (int64_t start = 0; start < n; ++start) {
+    std::fill(dist.begin(), dist.end(), inf);
+    for (int64_t j = 0; j < n; ++j) todo[j] = j;
+    int64_t left = n, i = start, sink = -1;
+    double reach = 0.0;  // length of the shortest path found so far
+    rows_seen.clear();
+    cols_seen.clear();
+    while (sink < 0) {
+      rows_seen.push_back(i);
+      const double* row = c + i * n;
+      const double base = reach - u[i];
+      double best = inf;
+      int64_t at = -1;
+      for (int64_t t = 0; t < left; ++t) {
+        const int64_t j = todo[t];
+        const double d = base + row[j] - v[j];
+        if (d < dist[j]) { dist[j] = d; pred[j] = i; }
+        if (dist[j] < best || (dist[j] == best && row4col[j] < 0)) { best = dist[j]; at = t; }
       }
-      for (int64_t j = 0; j <= n; ++j) {
-        if (used[j]) { u[match[j]] += delta; v[j] -= delta; }
-        else minv[j] -= delta;
-      }
-      j0 = j1;
-    } while (match[j0] != 0);
-    do {
-      const int64_t j1 = way[j0];
-      match[j0] = match[j1];
-      j0 = j1;
-    } while (j0 != 0);
+      TORCH_CHECK(at >= 0, "linear_assignment: no augmenting path (non-finite reduced costs)");
+      reach = best;
+      const int64_t j = todo[at];
+      cols_seen.push_back(j);
+      todo[at] = todo[--left];
+      if (row4col[j] < 0) sink = j;
+      else i = row4col[j];
+    }
+    u[start] += reach;
+    for (const int64_t r : rows_seen)
+      if (r != start) u[r] += reach - dist[col4row[r]];
+    for (const int64_t j : cols_seen) v[j] -= reach - dist[j];
+    for (int64_t j = sink;;) {  // flip the path's edges
+      const int64_t r = pred[j];
+      row4col[j] = r;
+      std::swap(col4row[r], j);
+      if (r == start) break;
+    }
   }
   at::Tensor out = at::empty({n}, cost.options().dtype(at::kLong));
-  int64_t* op = out.mutable_data_ptr<int64_t>();
-  for (int64_t j = 1; j <= n; ++j) op[match[j] - 1] = j - 1;
+  std::copy(col4row.begin(), col4row.end(), out.mutable_data_ptr<int64_t>());
   return out;
 }
 

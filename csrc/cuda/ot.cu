@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(256) sqdist_epilogue(const ct* __restrict__ G,
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     d = acc;
   }
-  if (lane == 0) out[e] = static_cast<ct>(d > 0.0 ? d : 0.0);
+  if (lane == 0) out[e] = static_cast<ct>(d < 0.0 ? 0.0 : d);  // NaN stays NaN
 }
 
 constexpr int kR = 8;   // rows per block

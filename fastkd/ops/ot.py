@@ -238,6 +238,10 @@ def linear_assignment(cost: torch.Tensor, *, solver: str = "auto") -> torch.Tens
     if solver not in ("auto", "cpp", "scipy"):
         raise ValueError(f"linear_assignment: solver must be 'auto', 'cpp' or 'scipy', got {solver!r}")
     c = cost.detach().to("cpu", torch.float64)
+    if c.dim() != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"linear_assignment: cost must be a square matrix, got shape {tuple(cost.shape)}")
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("linear_assignment: cost must be finite (it holds NaN or Inf)")
     if solver == "auto":
         solver = "cpp" if B.has_extension() else "scipy"
     if solver == "cpp":
@@ -331,6 +335,8 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor, *, method: str = "exact", p: f
     if method == "exact":
         with torch.no_grad():
             C = pairwise_sqdist(a2.detach(), b2.detach(), backend=be)
+            if not bool(torch.isfinite(C).all()):
+                raise ValueError("wasserstein: a and b must be finite (their distance matrix holds NaN or Inf)")
             col = linear_assignment(C, solver="cpp" if be != "torch" and B.has_extension() else "auto")
         bm = b2[col]
         if p == 2:
