@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--augment", choices=["shift", "none"], default=DEMO["augment"],
                    help="the student recipe's teacher-relabelled shift augmentation (same for every run)")
     p.add_argument("--no-reference", action="store_true", help="skip the authors' loop")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the noise baseline (e.g. when another run of these seeds has it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/cake_accuracy.json")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only combine these result files into --out")
@@ -71,11 +73,12 @@ def main() -> None:
                                   "student": DEMO["student"]}}, f, indent=1)
 
     for seed in a.seeds:
-        hb = noise_baseline(teacher, student(seed), num_samples=a.num_samples, input_shape=shape, seed=seed,
-                            eval_data=test, **train_kw)
-        rows.append({"seed": seed, "run": "baseline", "acc": hb.final_accuracy})
-        print(f"seed {seed} baseline {100 * hb.final_accuracy:.2f}%", flush=True)
-        dump()
+        if not a.no_baseline:
+            hb = noise_baseline(teacher, student(seed), num_samples=a.num_samples, input_shape=shape, seed=seed,
+                                eval_data=test, **train_kw)
+            rows.append({"seed": seed, "run": "baseline", "acc": hb.final_accuracy})
+            print(f"seed {seed} baseline {100 * hb.final_accuracy:.2f}%", flush=True)
+            dump()
         loops = [("fastkd", cake)] + ([] if a.no_reference else [("authors", authors_loop)])
         for name, fn in loops:  # fastkd first for every method, then the reference
             for method in a.methods:
