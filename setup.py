@@ -73,8 +73,11 @@ def _extensions():
             f"(torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r})"
         )
 
-    # -fno-math-errno: nothing here reads errno, and without it sqrt() cannot vectorise
-    cxx = ["-O3", "-fopenmp" if sys.platform != "darwin" else "-O3", "-fno-math-errno",
+    # -fno-math-errno: nothing here reads errno, and without it sqrt() cannot vectorise.
+    # -fno-trapping-math: nothing here enables floating-point traps, and without it a
+    # conditional such as a clamp keeps a loop scalar ("control flow in loop"). Neither
+    # changes any computed value (unlike -ffast-math, which would reassociate sums).
+    cxx = ["-O3", "-fopenmp" if sys.platform != "darwin" else "-O3", "-fno-math-errno", "-fno-trapping-math",
            f"-DFASTKD_TORCH_VERSION=\"{torch.__version__}\""]
     define_macros = []
     extra = {"cxx": cxx}

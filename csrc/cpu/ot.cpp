@@ -322,41 +322,48 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in) {
 
 // Log-domain Sinkhorn with one eps per iteration (the schedule), uniform weights.
 // f_i = -eps * log sum_j exp(log b_j + (g_j - C_ij) / eps), then the same for g.
+// The potentials are float64 whatever C's dtype: they are about max(C), and the plan
+// exp((f_i + g_j - C_ij) / eps) needs f_i + g_j - C_ij to much better than eps, which fp32
+// potentials cannot hold once eps << max(C) (at blur 0.05 on 3072-pixel images the fp32
+// rounding of f alone, divided by eps, is ~1e-2, and at blur 1e-4 the value became NaN).
+// fp32 costs are read as they are and everything else is computed in double.
 namespace {
 constexpr int kLseLanes = 16;
 
-// One row of the fp32 log-domain update: *mx = max_s v_s and *sum = sum_s exp(v_s - *mx)
-// with v_s = (y_s - k_s) * ie. kLseLanes independent maxima and sums (a single float
-// accumulator is not reassociated, so it would stay scalar) and vecmath.h's exp: the
-// loops vectorise, and the function is cloned for AVX2+FMA.
+// One row of the update for fp32 costs: *mx = max_s v_s and *sum = sum_s exp(v_s - *mx),
+// v_s = (y_s - k_s) * ie, all in double; only the costs are read in fp32. (The fixed point
+// amplifies the rounding of these sums by about max(C) / eps: with fp32 exponentials and
+// sums, f_i + g_j was off by 2e-4 eps.) kLseLanes independent maxima and sums (a single
+// accumulator is not reassociated, so it would stay scalar) and vecmath.h's exp instead of
+// libm's: the loops vectorise, and the function is cloned for AVX2+FMA.
 FKD_CLONES
-void row_lse_f32(const float* __restrict__ k, const float* __restrict__ y, int64_t S, float ie, float* mx,
-                 float* sum) {
-  float m[kLseLanes], a[kLseLanes];
-  for (int j = 0; j < kLseLanes; ++j) { m[j] = -std::numeric_limits<float>::infinity(); a[j] = 0.0f; }
+void row_lse_mixed(const float* __restrict__ k, const double* __restrict__ y, int64_t S, double ie, double* mx,
+                   double* sum) {
+  double m[kLseLanes], a[kLseLanes];
+  for (int j = 0; j < kLseLanes; ++j) { m[j] = -std::numeric_limits<double>::infinity(); a[j] = 0.0; }
   int64_t s = 0;
   for (; s + kLseLanes <= S; s += kLseLanes)
     for (int j = 0; j < kLseLanes; ++j) {
-      const float v = (y[s + j] - k[s + j]) * ie;
+      const double v = (y[s + j] - static_cast<double>(k[s + j])) * ie;
       m[j] = v > m[j] ? v : m[j];
     }
-  float mm = -std::numeric_limits<float>::infinity();
+  double mm = -std::numeric_limits<double>::infinity();
   for (int j = 0; j < kLseLanes; ++j) mm = m[j] > mm ? m[j] : mm;
-  for (int64_t t = s; t < S; ++t) mm = std::max(mm, (y[t] - k[t]) * ie);
+  for (int64_t t = s; t < S; ++t) mm = std::max(mm, (y[t] - static_cast<double>(k[t])) * ie);
   for (s = 0; s + kLseLanes <= S; s += kLseLanes)
-    for (int j = 0; j < kLseLanes; ++j) a[j] += exp_nonpos((y[s + j] - k[s + j]) * ie - mm);
-  float acc = 0.0f;
+    for (int j = 0; j < kLseLanes; ++j) a[j] += exp_nonpos((y[s + j] - static_cast<double>(k[s + j])) * ie - mm);
+  double acc = 0.0;
   for (int j = 0; j < kLseLanes; ++j) acc += a[j];
-  for (; s < S; ++s) acc += exp_nonpos((y[s] - k[s]) * ie - mm);
+  for (; s < S; ++s) acc += exp_nonpos((y[s] - static_cast<double>(k[s])) * ie - mm);
   *mx = mm;
   *sum = acc;
 }
 
-void row_lse(const float* k, const float* y, int64_t S, float ie, float* mx, float* sum) {
-  row_lse_f32(k, y, S, ie, mx, sum);
+void row_lse(const float* k, const double* y, int64_t S, double ie, double* mx, double* sum) {
+  row_lse_mixed(k, y, S, ie, mx, sum);
 }
 
-// fp64: plain loops with libm's exp (the reference precision).
+// fp64 costs: plain loops with libm's exp (the reference precision).
 void row_lse(const double* k, const double* y, int64_t S, double ie, double* mx, double* sum) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t s = 0; s < S; ++s) m = std::max(m, (y[s] - k[s]) * ie);
@@ -364,6 +371,27 @@ void row_lse(const double* k, const double* y, int64_t S, double ie, double* mx,
   for (int64_t s = 0; s < S; ++s) acc += std::exp((y[s] - k[s]) * ie - m);
   *mx = m;
   *sum = acc;
+}
+
+template <typename T>
+void sinkhorn_iterations(const T* cp, const T* ctp, double* fp, double* gp, int64_t N, int64_t M,
+                         const double* ep, int64_t T_) {
+  // x_i <- -eps * (logsumexp_j (y_j - K_ij) / eps + log w), w the uniform weight of the other side.
+  auto update = [&](const T* K, const double* y, double* x, int64_t R, int64_t S, double eps) {
+    const double ie = 1.0 / eps;
+    const double logw = -std::log(static_cast<double>(S));
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double mx, acc;
+        row_lse(K + r * S, y, S, ie, &mx, &acc);
+        x[r] = -eps * (mx + std::log(acc) + logw);
+      }
+    });
+  };
+  for (int64_t t = 0; t < T_; ++t) {
+    update(cp, gp, fp, N, M, ep[t]);
+    update(ctp, fp, gp, M, N, ep[t]);
+  }
 }
 }  // namespace
 
@@ -375,33 +403,17 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& C_in, cons
   const at::Tensor CT = C.t().contiguous();
   const int64_t N = C.size(0), M = C.size(1);
   const at::Tensor sched = eps_sched.to(at::kDouble).contiguous();
-  const int64_t T = sched.numel();
-  at::Tensor f = at::zeros({N}, C.options()), g = at::zeros({M}, C.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "sinkhorn_log_cpu", [&] {
-    using T_ = scalar_t;
-    const T_* cp = C.const_data_ptr<T_>();
-    const T_* ctp = CT.const_data_ptr<T_>();
-    T_* fp = f.mutable_data_ptr<T_>();
-    T_* gp = g.mutable_data_ptr<T_>();
-    const double* ep = sched.const_data_ptr<double>();
-    // x_i <- -eps * (logsumexp_j (y_j - K_ij) / eps + log w), w the uniform weight of the other side.
-    auto update = [&](const T_* K, const T_* y, T_* x, int64_t R, int64_t S, double eps) {
-      const T_ ie = static_cast<T_>(1.0 / eps);
-      const double logw = -std::log(static_cast<double>(S));
-      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T_* k = K + r * S;
-          T_ mx, acc;
-          row_lse(k, y, S, ie, &mx, &acc);
-          x[r] = static_cast<T_>(-eps * (static_cast<double>(mx) + std::log(static_cast<double>(acc)) + logw));
-        }
-      });
-    };
-    for (int64_t t = 0; t < T; ++t) {
-      update(cp, gp, fp, N, M, ep[t]);
-      update(ctp, fp, gp, M, N, ep[t]);
-    }
-  });
+  const auto dopt = C.options().dtype(at::kDouble);
+  at::Tensor f = at::zeros({N}, dopt), g = at::zeros({M}, dopt);
+  double* fp = f.mutable_data_ptr<double>();
+  double* gp = g.mutable_data_ptr<double>();
+  if (ct == at::kFloat) {
+    sinkhorn_iterations<float>(C.const_data_ptr<float>(), CT.const_data_ptr<float>(), fp, gp, N, M,
+                               sched.const_data_ptr<double>(), sched.numel());
+  } else {
+    sinkhorn_iterations<double>(C.const_data_ptr<double>(), CT.const_data_ptr<double>(), fp, gp, N, M,
+                                sched.const_data_ptr<double>(), sched.numel());
+  }
   return {f, g};
 }
 

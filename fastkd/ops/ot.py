@@ -18,7 +18,10 @@ p** (not its p-th root):
 * ``"sinkhorn"``: the transport cost <P, C> of the entropic plan P for eps = blur**p,
   computed by log-domain Sinkhorn iterations with an eps schedule (eps starts at the largest
   cost and halves each iteration down to blur**p; the remaining iterations run at
-  blur**p; ``max_iter`` iterations in all). N != M is allowed. Converges to the exact value
+  blur**p; ``max_iter`` iterations in all). The potentials and the plan are float64 for
+  every input dtype (fp32 potentials cannot resolve f + g - C to a fraction of eps when
+  eps << max C); the compiled CPU iterations read fp32 costs and take only the bounded
+  exponentials in fp32. N != M is allowed. Converges to the exact value
   as blur -> 0 (and enough iterations).
 * ``"sliced"``: N == M; (1/L) sum_l W_p^p of the 1-D projections on L = n_projections
   random unit directions theta_l (Gaussian, normalised), i.e. the mean over directions of
@@ -348,14 +351,17 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor, *, method: str = "exact", p: f
         ct = compute_dtype(a.dtype)
         C = _cost(a2, b2, p, be).to(ct)
         with torch.no_grad():
+            # Potentials and plan in float64 whatever the input dtype: f and g are about
+            # max(C) and the plan needs f + g - C to much better than eps; in fp32 that fails
+            # once eps << max(C) (wrong values at blur 0.05 on large images, NaN at small blur).
             Cd = C.detach()
             sched = sinkhorn_eps_schedule(float(Cd.max()), blur, p, int(max_iter))
             if be == "cpp":
-                f, g = torch.ops.fastkd.sinkhorn_log(Cd, sched)
+                f, g = torch.ops.fastkd.sinkhorn_log(Cd, sched)  # reads fp32 C, float64 potentials
             else:
-                f, g = _sinkhorn_torch(Cd, sched)
-            P = _sinkhorn_plan(Cd, f, g, float(sched[-1]))
-        return (P * C).sum().to(a.dtype)
+                f, g = _sinkhorn_torch(Cd.double(), sched)
+            P = _sinkhorn_plan(Cd.double(), f, g, float(sched[-1]))
+        return (P.to(ct) * C).sum().to(a.dtype)
     # sliced
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -391,9 +397,9 @@ def register_cpp() -> None:
         return cost.new_empty((cost.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("fastkd::sinkhorn_log")
-    def _sk_fake(C, eps_schedule):
-        ct = torch.float64 if C.dtype == torch.float64 else torch.float32
-        return C.new_empty((C.shape[0],), dtype=ct), C.new_empty((C.shape[1],), dtype=ct)
+    def _sk_fake(C, eps_schedule):  # float64 potentials for every cost dtype
+        return (C.new_empty((C.shape[0],), dtype=torch.float64),
+                C.new_empty((C.shape[1],), dtype=torch.float64))
 
 
 if B.has_extension():
