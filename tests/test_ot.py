@@ -104,8 +104,9 @@ def test_sqdist_opcheck():
     torch.library.opcheck(torch.ops.fastkd.sliced_backproject.default,
                           (torch.randn(4, 5, dtype=torch.float64), torch.rand(5, dtype=torch.float64), 9, 3))
     torch.library.opcheck(torch.ops.fastkd.linear_assignment.default, (torch.rand(6, 6, dtype=torch.float64),))
-    torch.library.opcheck(torch.ops.fastkd.sinkhorn_log.default,
-                          (torch.rand(4, 5, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)))
+    for dt in (torch.float64, torch.float32):  # float64 potentials for both (the fake says so too)
+        torch.library.opcheck(torch.ops.fastkd.sinkhorn_log.default,
+                              (torch.rand(4, 5, dtype=dt), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
