@@ -286,6 +286,34 @@ def _sinkhorn_plan(C, f, g, eps):
     return torch.exp((f[:, None] + g[None, :] - C) / eps - math.log(n) - math.log(m))
 
 
+class _SlicedPair(torch.autograd.Function):
+    """Projections of a and b on the same seeded directions, with one backward for both: the
+    two gradients (N x L each, small) are stacked and back-projected in a single call, so
+    the directions are generated once in the backward instead of once per input."""
+
+    @staticmethod
+    def forward(ctx, a2, b2, L, seed, be):
+        proj, _ = _project_op(be)
+        pa, inv = proj(a2, L, seed)
+        pb, _ = proj(b2, L, seed)
+        ctx.save_for_backward(inv)
+        ctx.n, ctx.D, ctx.seed, ctx.be = a2.shape[0], a2.shape[1], seed, be
+        ctx.dtypes = (a2.dtype, b2.dtype)
+        return pa, pb
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        (inv,) = ctx.saved_tensors
+        _, back = _project_op(ctx.be)
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_a and need_b and ga is not None and gb is not None:
+            g = back(torch.cat([ga, gb]).contiguous(), inv, ctx.D, ctx.seed)
+            return g[:ctx.n].to(ctx.dtypes[0]), g[ctx.n:].to(ctx.dtypes[1]), None, None, None
+        da = back(ga.contiguous(), inv, ctx.D, ctx.seed).to(ctx.dtypes[0]) if need_a and ga is not None else None
+        db = back(gb.contiguous(), inv, ctx.D, ctx.seed).to(ctx.dtypes[1]) if need_b and gb is not None else None
+        return da, db, None, None, None
+
+
 # --------------------------------------------------------------------------- wasserstein
 def _check_w(a, b, method, p, blur, max_iter, n_projections, seed):
     op = "wasserstein"
@@ -371,9 +399,8 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor, *, method: str = "exact", p: f
         theta = sliced_directions(a2.shape[1], L, seed, dtype=ct, device=a.device)
         pa, pb = a2.to(ct) @ theta, b2.to(ct) @ theta
     else:
-        proj, _ = _project_op(be)
-        pa = proj(a2, L, int(seed))[0].to(ct)
-        pb = proj(b2, L, int(seed))[0].to(ct)
+        pa, pb = _SlicedPair.apply(a2, b2, L, int(seed), be)
+        pa, pb = pa.to(ct), pb.to(ct)
     sa = torch.sort(pa, dim=0).values
     sb = torch.sort(pb, dim=0).values
     d = (sa - sb).abs()
