@@ -41,11 +41,17 @@ FASTKD_HD uint32_t ot_dir_key(uint32_t seed, uint32_t l) {
   return ot_hash32(ot_hash32(seed) ^ (l * 0x9E3779B9U));
 }
 // Standard normal number of coordinate d of the direction with key k (Box-Muller, fp32).
-FASTKD_HD float ot_normal(uint32_t key, uint32_t d) {
+// The two Box-Muller uniforms of coordinate d: u1 in (0, 1] (radius), u2 in [0, 1) (angle).
+FASTKD_HD void ot_uniforms(uint32_t key, uint32_t d, float& u1, float& u2) {
   const uint32_t h1 = ot_hash32(key ^ (2U * d));
   const uint32_t h2 = ot_hash32(key ^ (2U * d + 1U));
-  const float u1 = static_cast<float>((h1 >> 8) + 1U) * 5.9604644775390625e-08f;  // (0, 1]
-  const float u2 = static_cast<float>(h2 >> 8) * 5.9604644775390625e-08f;         // [0, 1)
+  u1 = static_cast<float>((h1 >> 8) + 1U) * 5.9604644775390625e-08f;
+  u2 = static_cast<float>(h2 >> 8) * 5.9604644775390625e-08f;
+}
+
+FASTKD_HD float ot_normal(uint32_t key, uint32_t d) {
+  float u1, u2;
+  ot_uniforms(key, d, u1, u2);
   return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
 }
 

@@ -166,12 +166,8 @@ constexpr int64_t kDChunk = 2048;
 FKD_CLONES
 void ot_normals(uint32_t key, uint32_t d0, int64_t len, float* __restrict__ out) {
   for (int64_t k = 0; k < len; ++k) {
-    const uint32_t d = d0 + static_cast<uint32_t>(k);
-    const uint32_t h1 = ot_hash32(key ^ (2U * d));
-    const uint32_t h2 = ot_hash32(key ^ (2U * d + 1U));
-    const float u1 = static_cast<float>((h1 >> 8) + 1U) * 5.9604644775390625e-08f;  // (0, 1]
-    const float u2 = static_cast<float>(h2 >> 8) * 5.9604644775390625e-08f;         // [0, 1)
-    float c, sn;
+    float u1, u2, c, sn;
+    ot_uniforms(key, d0 + static_cast<uint32_t>(k), u1, u2);
     sincos2pi(u2, c, sn);
     out[k] = sqrt_nn(neg2log(u1)) * c;
   }
@@ -330,15 +326,15 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in) {
 namespace {
 constexpr int kLseLanes = 16;
 
-// One row of the update for fp32 costs: *mx = max_s v_s and *sum = sum_s exp(v_s - *mx),
-// v_s = (y_s - k_s) * ie, all in double; only the costs are read in fp32. (The fixed point
-// amplifies the rounding of these sums by about max(C) / eps: with fp32 exponentials and
-// sums, f_i + g_j was off by 2e-4 eps.) kLseLanes independent maxima and sums (a single
-// accumulator is not reassociated, so it would stay scalar) and vecmath.h's exp instead of
-// libm's: the loops vectorise, and the function is cloned for AVX2+FMA.
-FKD_CLONES
-void row_lse_mixed(const float* __restrict__ k, const double* __restrict__ y, int64_t S, double ie, double* mx,
-                   double* sum) {
+// One row of the update: *mx = max_s v_s and *sum = sum_s exp(v_s - *mx), v_s = (y_s - k_s)
+// * ie, all in double; fp32 costs are only read in fp32. (The fixed point amplifies the
+// rounding of these sums by about max(C) / eps: with fp32 exponentials and sums, f_i + g_j
+// was off by 2e-4 eps.) kLseLanes independent maxima and sums (a single accumulator is not
+// reassociated, so it would stay scalar) and vecmath.h's exp instead of libm's: the loops
+// vectorise in the AVX2+FMA clones below.
+template <typename T>
+FKD_INLINE void row_lse_body(const T* __restrict__ k, const double* __restrict__ y, int64_t S, double ie,
+                             double* mx, double* sum) {
   double m[kLseLanes], a[kLseLanes];
   for (int j = 0; j < kLseLanes; ++j) { m[j] = -std::numeric_limits<double>::infinity(); a[j] = 0.0; }
   int64_t s = 0;
@@ -359,18 +355,14 @@ void row_lse_mixed(const float* __restrict__ k, const double* __restrict__ y, in
   *sum = acc;
 }
 
+FKD_CLONES
 void row_lse(const float* k, const double* y, int64_t S, double ie, double* mx, double* sum) {
-  row_lse_mixed(k, y, S, ie, mx, sum);
+  row_lse_body(k, y, S, ie, mx, sum);
 }
 
-// fp64 costs: plain loops with libm's exp (the reference precision).
+FKD_CLONES
 void row_lse(const double* k, const double* y, int64_t S, double ie, double* mx, double* sum) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t s = 0; s < S; ++s) m = std::max(m, (y[s] - k[s]) * ie);
-  double acc = 0;
-  for (int64_t s = 0; s < S; ++s) acc += std::exp((y[s] - k[s]) * ie - m);
-  *mx = m;
-  *sum = acc;
+  row_lse_body(k, y, S, ie, mx, sum);
 }
 
 template <typename T>

@@ -20,8 +20,8 @@ p** (not its p-th root):
   cost and halves each iteration down to blur**p; the remaining iterations run at
   blur**p; ``max_iter`` iterations in all). The potentials and the plan are float64 for
   every input dtype (fp32 potentials cannot resolve f + g - C to a fraction of eps when
-  eps << max C); the compiled CPU iterations read fp32 costs and take only the bounded
-  exponentials in fp32. N != M is allowed. Converges to the exact value
+  eps << max C); the compiled CPU iterations read fp32 costs as they are and compute the
+  rest in double. N != M is allowed. Converges to the exact value
   as blur -> 0 (and enough iterations).
 * ``"sliced"``: N == M; (1/L) sum_l W_p^p of the 1-D projections on L = n_projections
   random unit directions theta_l (Gaussian, normalised), i.e. the mean over directions of
