@@ -43,6 +43,11 @@ class BackendStatus:
 _C = None
 _C_REASON = ""
 _C_INFO: dict = {}
+# "ok", "disabled" (FASTKD_DISABLE_EXT=1), "not built" (no compiled extension installed),
+# "stale" (built for another torch or from older sources) or "broken" (fails to load).
+# Stale and broken extensions are reported loudly: fastkd info, fastkd.backends() and a
+# one-time warning on the first op call.
+_C_STATE = "not built"
 
 # The C++ operators this version of the Python package calls. An extension lacking any of
 # them is out of date (built from older sources) and is not used at all.
@@ -54,41 +59,134 @@ EXPECTED_OPS = (
     "bn_stats_fwd", "bn_stats_bwd",
 )
 
+_TAG = b"fastkd-build-tag "
+
+
+class ExtensionWarning(RuntimeWarning):
+    """The compiled extension is installed but cannot be used (stale or broken)."""
+
+
+def rebuild_command() -> str:
+    """The command that rebuilds fastkd._C against the running torch, for this install."""
+    import json
+    import shlex
+    import sys
+
+    py = shlex.quote(sys.executable)
+    src, editable = None, False
+    try:
+        from importlib.metadata import distribution
+
+        raw = distribution("fastkd").read_text("direct_url.json")
+        if raw:
+            d = json.loads(raw)
+            url = d.get("url", "")
+            if url.startswith("file://"):
+                src = url[len("file://"):]
+                editable = bool(d.get("dir_info", {}).get("editable"))
+    except Exception:  # pragma: no cover - metadata missing or unreadable
+        pass
+    if src is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isfile(os.path.join(root, "setup.py")):
+            src, editable = root, True
+    if src is None:
+        return f"{py} -m pip install --no-build-isolation --no-deps --force-reinstall --no-binary fastkd fastkd"
+    flag = "-e " if editable else "--force-reinstall "
+    return f"{py} -m pip install --no-build-isolation --no-deps {flag}{shlex.quote(src)}"
+
+
+def _read_build_tag(path: str) -> dict | None:
+    """The build tag compiled into the library at ``path`` (read from the file, not loaded)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            i = m.find(_TAG)
+            if i < 0:
+                return None
+            j = m.find(b"\n", i)
+            raw = m[i + len(_TAG): j if j > 0 else i + 512].decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    out = {}
+    for part in raw.split(" "):
+        k, _, v = part.partition("=")
+        out[k] = v
+    return out
+
 
 def _load_extension() -> None:
-    global _C, _C_REASON, _C_INFO
+    global _C, _C_REASON, _C_INFO, _C_STATE
     if os.environ.get("FASTKD_DISABLE_EXT", "0") == "1":
-        _C_REASON = "disabled by FASTKD_DISABLE_EXT=1"
+        _C_STATE, _C_REASON = "disabled", "disabled by FASTKD_DISABLE_EXT=1"
+        return
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("fastkd._C")
+    except (ImportError, ValueError):  # pragma: no cover
+        spec = None
+    if spec is None or not spec.origin:
+        _C_STATE = "not built"
+        _C_REASON = ("fastkd._C is not built (installed with FASTKD_SKIP_EXT=1 or without a "
+                     f"compiler); build it with `{rebuild_command()}`")
+        return
+    tag = _read_build_tag(spec.origin)
+    if tag is not None and tag.get("torch") != torch.__version__:
+        # not loaded at all: a library built against another torch's ABI may crash on load
+        _C_STATE = "stale"
+        _C_REASON = (f"fastkd._C was built for torch {tag.get('torch')} but torch {torch.__version__} "
+                     f"is running, so the compiled kernels are not in use; rebuild with "
+                     f"`{rebuild_command()}`")
         return
     try:
         from fastkd import _C as ext  # noqa: registers the fastkd:: operators
-    except ImportError as e:
+    except (ImportError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "No module named" in msg:
-            _C_REASON = ("fastkd._C is not built (installed with FASTKD_SKIP_EXT=1 or without a "
-                         "compiler); reinstall with `pip install --no-build-isolation .`")
-        else:
-            _C_REASON = (f"fastkd._C failed to load ({msg}); it was probably built for another "
-                         "torch: rebuild with `pip install --no-build-isolation .`")
-        return
-    except OSError as e:  # pragma: no cover - broken shared library
-        _C_REASON = f"fastkd._C failed to load ({e}); rebuild with `pip install --no-build-isolation .`"
+        _C_STATE = "broken"
+        _C_REASON = (f"fastkd._C failed to load ({msg}), so the compiled kernels are not in use; it was "
+                     f"probably built for another torch: rebuild with `{rebuild_command()}`")
         return
     info = dict(ext.build_info())
     built = info.get("torch_version", "unknown")
     if built != torch.__version__:
+        _C_STATE = "stale"
         _C_REASON = (f"fastkd._C was built for torch {built} but torch {torch.__version__} is "
-                     "running; rebuild with `pip install --no-build-isolation .`")
+                     f"running, so the compiled kernels are not in use; rebuild with `{rebuild_command()}`")
         return
     missing = [op for op in EXPECTED_OPS if not hasattr(torch.ops.fastkd, op)]
     if missing:
-        _C_REASON = (f"fastkd._C is out of date (it lacks {', '.join(missing)}); rebuild with "
-                     "`pip install --no-build-isolation .`")
+        _C_STATE = "stale"
+        _C_REASON = (f"fastkd._C is out of date (it lacks {', '.join(missing)}), so the compiled kernels "
+                     f"are not in use; rebuild with `{rebuild_command()}`")
         return
-    _C, _C_INFO = ext, info
+    _C, _C_INFO, _C_STATE = ext, info, "ok"
 
 
 _load_extension()
+
+_WARNED = False
+
+
+def _warn_unusable_extension_once() -> None:
+    """One warning, on the first op call, when an installed extension cannot be used."""
+    global _WARNED
+    if _WARNED:
+        return
+    _WARNED = True
+    import warnings
+
+    if _C_STATE in ("stale", "broken"):
+        warnings.warn(f"fastkd: {_C_REASON}", ExtensionWarning, stacklevel=4)
+    elif _C_STATE == "ok" and not _C_INFO.get("with_cuda") and torch.cuda.is_available():
+        warnings.warn(f"fastkd: {backend_status('cuda').reason}", ExtensionWarning, stacklevel=4)
+
+
+def extension_state() -> str:
+    """'ok', 'disabled', 'not built', 'stale' or 'broken' (see :data:`_C_STATE`)."""
+    return _C_STATE
+
 
 # --------------------------------------------------------------------------- triton
 _TRITON_REASON = ""
@@ -127,8 +225,9 @@ def _status(name: str) -> BackendStatus:
         if _C is None:
             return BackendStatus(name, False, _C_REASON)
         if not _C_INFO.get("with_cuda"):
-            return BackendStatus(name, False, "fastkd._C was built without CUDA kernels (torch "
-                                 "without CUDA or nvcc not found at build time; set FASTKD_FORCE_CUDA=1)")
+            why = _C_INFO.get("no_cuda_reason") or "the build did not compile them"
+            return BackendStatus(name, False, f"fastkd._C was built without CUDA kernels ({why}); "
+                                 f"once that is fixed, rebuild with `{rebuild_command()}`")
         if not torch.cuda.is_available():
             return BackendStatus(name, False, "no CUDA device is available (torch.cuda.is_available() "
                                  "is False)")
@@ -186,6 +285,8 @@ def resolve(op: str, backend: str, device: torch.device, supported=BACKENDS) -> 
     Raises ValueError for an unknown name and BackendUnavailableError, saying why, when the
     requested backend cannot run here.
     """
+    if not _WARNED:
+        _warn_unusable_extension_once()
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
     if backend not in BACKENDS and backend != "auto":

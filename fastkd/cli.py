@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastkd",
         description="Fast knowledge distillation without the teacher's data.",
         epilog="Run `fastkd COMMAND --help` for the options of a command.")
+    from fastkd import __version__
+
+    p.add_argument("--version", action="version", version=f"fastkd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
         importlib.import_module(f"fastkd.commands.{name}").register(sub)

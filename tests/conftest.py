@@ -45,8 +45,46 @@ def _seed():
     torch.manual_seed(0)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _extension_required() -> bool:
+    """True when the set-up was meant to build fastkd._C: tools/setup.sh leaves a marker in
+    the environment it built (FASTKD_SKIP_EXT=1 set-ups mark it false), CI may also set
+    FASTKD_REQUIRE_EXT=1."""
+    import json
+    import sys
+
+    if os.environ.get("FASTKD_REQUIRE_EXT") == "1":
+        return True
+    try:
+        with open(os.path.join(sys.prefix, "fastkd-setup.json")) as f:
+            return bool(json.load(f).get("extension"))
+    except (OSError, ValueError):
+        return False
+
+
+def extension_problem():
+    """Why the set-up's extension cannot be tested (one line), or None."""
+    from fastkd import _backend as B
+    from fastkd._srchash import source_hash
+
+    if not _extension_required():
+        return None
+    if B.extension_state() != "ok":
+        return (f"the set-up was meant to build fastkd._C but it is {B.extension_state()}: "
+                f"{B.backend_status('cpp').reason}")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(fastkd.__file__))) == ROOT
+    built = B.extension_info().get("source_hash")
+    if here and os.path.isdir(os.path.join(ROOT, "csrc")) and built != source_hash(os.path.join(ROOT, "csrc")):
+        return ("fastkd._C was built from other sources than this checkout's csrc/ (edited since the "
+                f"build?); rebuild with `{B.rebuild_command()}` or rerun `bash tools/setup.sh`")
+    return None
+
+
 def pytest_sessionstart(session):
-    # CI sets FASTKD_REQUIRE_EXT=1: there a missing or stale extension is a failure, not a
-    # reason to skip every compiled-backend test.
-    if os.environ.get("FASTKD_REQUIRE_EXT") == "1" and not fastkd.backends()["cpp"].available:
-        raise pytest.UsageError(f"FASTKD_REQUIRE_EXT=1 but {fastkd.backends()['cpp'].reason}")
+    # A missing, stale or outdated extension after a set-up that was meant to build it is a
+    # failure of the run, not a reason to skip every compiled-backend test.
+    problem = extension_problem()
+    if problem:
+        raise pytest.UsageError(problem)

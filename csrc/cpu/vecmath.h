@@ -5,9 +5,9 @@
 // loops calling them vectorise (libm calls do not), plus the function-clone attribute that
 // compiles such loops for AVX2+FMA and for the baseline ISA. Accuracy: that of libm's
 // functions of the same type (about 1e-7 relative in float, 3e-16 in double).
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace fastkd {
 
@@ -27,11 +27,32 @@ namespace fastkd {
 #define FKD_INLINE inline
 #endif
 
+// std::bit_cast is C++20, and torch's cpp_extension compiles with -std=c++17 up to torch
+// 2.11. GCC >= 11 and clang >= 9 have the builtin behind it in every language mode (same
+// code, loops still vectorise); memcpy is the portable fallback.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define FKD_HAVE_BUILTIN_BIT_CAST 1
+#endif
+#endif
+
+template <class To, class From>
+FKD_INLINE To bit_as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_as: sizes differ");
+#ifdef FKD_HAVE_BUILTIN_BIT_CAST
+  return __builtin_bit_cast(To, v);
+#else
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+#endif
+}
+
 // -2 log(a) for a in (0, 1] (a >= 2^-24): exponent + 2 atanh series on [sqrt(1/2), sqrt(2)).
 FKD_INLINE float neg2log(float a) {
-  const uint32_t bits = std::bit_cast<uint32_t>(a);
+  const uint32_t bits = bit_as<uint32_t>(a);
   int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-  float m = std::bit_cast<float>((bits & 0x007FFFFFu) | 0x3F800000u);
+  float m = bit_as<float>((bits & 0x007FFFFFu) | 0x3F800000u);
   const int32_t big = static_cast<int32_t>(m > 1.41421356f);  // 0 or 1, no branch
   m = m * (1.0f - 0.5f * static_cast<float>(big));
   e += big;
@@ -46,7 +67,7 @@ FKD_INLINE float neg2log(float a) {
 // vector square-root instruction. The sign bit is cleared first: neg2log(1) is -0.0f
 // (probability 2^-24 per draw) and must give a radius of 0.
 FKD_INLINE float sqrt_nn(float y) {
-  return std::sqrt(std::bit_cast<float>(std::bit_cast<uint32_t>(y) & 0x7FFFFFFFu));
+  return std::sqrt(bit_as<float>(bit_as<uint32_t>(y) & 0x7FFFFFFFu));
 }
 
 // cos and sin of 2 pi b for b in [0, 1): quadrant reduction, Taylor polynomials on [-pi/4, pi/4].
@@ -62,11 +83,11 @@ FKD_INLINE void sincos2pi(float b, float& c, float& s) {
   // quadrant q: swap sin/cos for odd q, flip signs by bit 1 of q (sin) and of q + 1 (cos);
   // selects and sign flips as bit operations so that the loop stays branch-free
   const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
-  const uint32_t bs = std::bit_cast<uint32_t>(sn), bc = std::bit_cast<uint32_t>(cs);
+  const uint32_t bs = bit_as<uint32_t>(sn), bc = bit_as<uint32_t>(cs);
   const uint32_t ss = (bc & swap) | (bs & ~swap);
   const uint32_t cc = (bs & swap) | (bc & ~swap);
-  s = std::bit_cast<float>(ss ^ (static_cast<uint32_t>(q & 2) << 30));
-  c = std::bit_cast<float>(cc ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
+  s = bit_as<float>(ss ^ (static_cast<uint32_t>(q & 2) << 30));
+  c = bit_as<float>(cc ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
 // exp(x) for x <= 0 in double: x = n ln2 + r (|r| <= ln2 / 2, two-part ln2), degree-12
@@ -93,7 +114,7 @@ FKD_INLINE double exp_nonpos(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  return p * std::bit_cast<double>(static_cast<uint64_t>(static_cast<int64_t>(n) + 1023) << 52);
+  return p * bit_as<double>(static_cast<uint64_t>(static_cast<int64_t>(n) + 1023) << 52);
 }
 
 }  // namespace fastkd

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -185,6 +186,10 @@ def _load_cases(op: str, device: str, quick: bool) -> list[Case]:
     return _REGISTRY[op](device, quick)
 
 
+# Modules of the peer libraries compared against (the `bench` extra): kornia, geomloss, POT.
+PEER_MODULES = ("kornia", "geomloss", "ot")
+
+
 def run(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
         out_dir: str | None = "benchmarks/results", csv_path: str | None = None,
         plot_path: str | None = None, min_time: float = 0.3, log=print) -> list[Result]:
@@ -195,6 +200,10 @@ def run(ops: list[str] | None = None, device: str = "cpu", quick: bool = False,
     results: list[Result] = []
     log(f"fastkd bench on {device_name(device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads" + (f", HBM bound {bound:.0f} GB/s" if bound else ""))
+    missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        log(f"peer libraries not installed ({', '.join(missing)}): their rows are left out; "
+            "pip install 'fastkd[bench]' adds them")
     load = _load_average()
     if device == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes compete "
@@ -271,7 +280,8 @@ def _write(results: list[Result], device: str, out_dir, csv_path, plot_path, log
             _plot(results, plot_path, device)
             log(f"wrote {plot_path}")
         except ImportError:
-            log("matplotlib is not installed: no plot written (pip install matplotlib)")
+            log("matplotlib is not importable: no plot written (it is a dependency of fastkd: "
+                "pip install matplotlib)")
 
 
 def _plot(results: list[Result], path: str, device: str) -> None:

@@ -44,7 +44,8 @@ def _run(args) -> int:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        print("serve-teacher needs starlette and uvicorn: pip install starlette uvicorn", file=sys.stderr)
+        print("serve-teacher needs starlette and uvicorn, dependencies of fastkd missing here: "
+              "pip install starlette uvicorn", file=sys.stderr)
         return 2
     from fastkd.serve import serve
 
