@@ -122,17 +122,23 @@ def _load_extension() -> None:
         _C_STATE, _C_REASON = "disabled", "disabled by FASTKD_DISABLE_EXT=1"
         return
     import importlib.util
+    import sys
 
-    try:
-        spec = importlib.util.find_spec("fastkd._C")
-    except (ImportError, ValueError):  # pragma: no cover
-        spec = None
-    if spec is None or not spec.origin:
-        _C_STATE = "not built"
-        _C_REASON = ("fastkd._C is not built (installed with FASTKD_SKIP_EXT=1 or without a "
-                     f"compiler); build it with `{rebuild_command()}`")
-        return
-    tag = _read_build_tag(spec.origin)
+    loaded = sys.modules.get("fastkd._C")
+    if loaded is not None:  # already imported (or provided) by the embedding program
+        origin = getattr(loaded, "__file__", None)
+    else:
+        try:
+            spec = importlib.util.find_spec("fastkd._C")
+        except (ImportError, ValueError):  # pragma: no cover
+            spec = None
+        origin = spec.origin if spec is not None else None
+        if not origin:
+            _C_STATE = "not built"
+            _C_REASON = ("fastkd._C is not built (installed with FASTKD_SKIP_EXT=1 or without a "
+                         f"compiler); build it with `{rebuild_command()}`")
+            return
+    tag = _read_build_tag(origin) if origin else None
     if tag is not None and tag.get("torch") != torch.__version__:
         # not loaded at all: a library built against another torch's ABI may crash on load
         _C_STATE = "stale"
