@@ -71,7 +71,10 @@ def _update(x_ptr, g_ptr, e, m, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z,
     tl.store(x_ptr + e, v.to(x_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+# k0, k1 (the seed's 32-bit halves) are data, not sizes: never specialised, so a half equal
+# to 1 stays a runtime integer (specialised, it would be a compile-time Python int, which
+# _philox cannot convert with .to()).
+@triton.jit(do_not_specialize=["k0", "k1"])
 def _step_kernel(x_ptr, g_ptr, numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, k0, k1,
                  LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -105,7 +108,7 @@ def _tvg(d, P: tl.constexpr):
         return 2.0 * d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1"])
 def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr, sd_ptr, sd, lo, hi, tvs, k0, k1,
                     LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
                     P: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
