@@ -78,9 +78,9 @@ def _cuda_plan(torch, cpp_extension):
         why_not = "FASTKD_NO_CUDA=1 is set"
     elif not torch.version.cuda:
         why_not = f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
-    elif cpp_extension.CUDA_HOME is None:
-        why_not = ("no CUDA toolkit found (install one with nvcc matching torch's CUDA "
-                   f"{torch.version.cuda}, or set CUDA_HOME)")
+    elif cpp_extension.CUDA_HOME is None or not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        why_not = ("no CUDA toolkit found (no nvcc; install a CUDA toolkit matching torch's CUDA "
+                   f"{torch.version.cuda}, or set CUDA_HOME to one)")
     else:
         nvcc = _nvcc_version(cpp_extension.CUDA_HOME)
         want = int(torch.version.cuda.split(".")[0])

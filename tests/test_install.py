@@ -29,36 +29,48 @@ def _fake_torch(cuda="13.0", gpus=()):
 
 
 @pytest.fixture
+def cuda_home(tmp_path):
+    """A folder laid out as a CUDA toolkit (bin/nvcc); what nvcc answers is patched per test."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    return str(tmp_path)
+
+
+@pytest.fixture
 def setup_mod(monkeypatch):
     for v in ("FASTKD_FORCE_CUDA", "FASTKD_NO_CUDA", "TORCH_CUDA_ARCH_LIST"):
         monkeypatch.delenv(v, raising=False)
     return _setup_module()
 
 
-def test_no_gpu_and_no_arch_list_builds_the_default_architectures(setup_mod, monkeypatch, capsys):
+def test_no_gpu_and_no_arch_list_builds_the_default_architectures(setup_mod, monkeypatch, capsys, cuda_home):
     # the case that used to die in torch's _get_cuda_arch_flags with IndexError
     monkeypatch.setattr(setup_mod, "_nvcc_version", lambda home: (13, 0))
-    ok, archs = setup_mod._cuda_plan(_fake_torch(), types.SimpleNamespace(CUDA_HOME="/cuda"))
+    ok, archs = setup_mod._cuda_plan(_fake_torch(), types.SimpleNamespace(CUDA_HOME=cuda_home))
     assert ok and archs == setup_mod.DEFAULT_CUDA_ARCHS and "9.0" in archs
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == archs
     assert "no GPU visible" in capsys.readouterr().out
 
 
-def test_visible_gpus_and_explicit_arch_list(setup_mod, monkeypatch):
+def test_visible_gpus_and_explicit_arch_list(setup_mod, monkeypatch, cuda_home):
     monkeypatch.setattr(setup_mod, "_nvcc_version", lambda home: (13, 0))
-    ok, archs = setup_mod._cuda_plan(_fake_torch(gpus=[(9, 0), (8, 0), (9, 0)]), types.SimpleNamespace(CUDA_HOME="/c"))
+    home = types.SimpleNamespace(CUDA_HOME=cuda_home)
+    ok, archs = setup_mod._cuda_plan(_fake_torch(gpus=[(9, 0), (8, 0), (9, 0)]), home)
     assert ok and archs == "8.0;9.0"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
-    assert setup_mod._cuda_plan(_fake_torch(gpus=[(9, 0)]), types.SimpleNamespace(CUDA_HOME="/c")) == (True, "8.6")
+    assert setup_mod._cuda_plan(_fake_torch(gpus=[(9, 0)]), home) == (True, "8.6")
 
 
 @pytest.mark.parametrize("torch_cuda,home,nvcc,why", [
-    (None, "/cuda", (13, 0), "CPU-only build"),
+    (None, "toolkit", (13, 0), "CPU-only build"),
     ("13.0", None, None, "no CUDA toolkit found"),
-    ("12.8", "/cuda", (13, 0), "does not match torch's CUDA 12.8"),
-    ("13.0", "/cuda", None, "does not run"),
+    ("13.0", "empty", None, "no CUDA toolkit found (no nvcc"),
+    ("12.8", "toolkit", (13, 0), "does not match torch's CUDA 12.8"),
+    ("13.0", "toolkit", None, "does not run"),
 ])
-def test_cpu_only_build_says_why_in_one_line(setup_mod, monkeypatch, capsys, torch_cuda, home, nvcc, why):
+def test_cpu_only_build_says_why_in_one_line(setup_mod, monkeypatch, capsys, cuda_home, tmp_path,
+                                             torch_cuda, home, nvcc, why):
+    home = {"toolkit": cuda_home, "empty": str(tmp_path / "no-such-toolkit"), None: None}[home]
     monkeypatch.setattr(setup_mod, "_nvcc_version", lambda h: nvcc)
     ok, archs = setup_mod._cuda_plan(_fake_torch(cuda=torch_cuda), types.SimpleNamespace(CUDA_HOME=home))
     out = capsys.readouterr().out.strip().splitlines()
