@@ -37,3 +37,30 @@ def check_reduction(reduction, op: str, allowed=("none", "mean", "sum")) -> int:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for reduced precision, the dtype itself otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)`` for a kernel launched inside a ``triton_op``.
+
+    Under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes an interpreted function, which runs
+    eagerly and has nothing to trace: it is returned as it is. (Newer torch releases do this
+    themselves; older ones, 2.11 among them, raise "wrap_triton only works on functions
+    annotated with triton.jit or triton.autotune".)
+    """
+    if _interpreted(kernel):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    for _ in range(8):  # @triton.autotune / @triton.heuristics keep the kernel they wrap in .fn
+        if isinstance(kernel, InterpretedFunction):
+            return True
+        kernel = getattr(kernel, "fn", None)
+        if kernel is None:
+            return False
+    return False

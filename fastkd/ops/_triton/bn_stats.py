@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import compute_dtype
+from .._common import compute_dtype, wrap_triton
 from ..bn_stats import _make_backward, _setup_context
 
 
@@ -65,7 +65,7 @@ def bn_stats_fwd(x: torch.Tensor, running_mean: torch.Tensor,
     ITERS = max(1, min(16, triton.cdiv(M, BLOCK * 8)))
     nchunk = triton.cdiv(M, BLOCK * ITERS)
     part = torch.empty((C, nchunk, 2), dtype=cd, device=x.device)
-    torch.library.wrap_triton(_bn_partial_kernel)[(C, nchunk)](
+    wrap_triton(_bn_partial_kernel)[(C, nchunk)](
         x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=BLOCK)
     sums = part.sum(1)
     shift = x.view(N, C, S)[0, :, 0].to(cd)
@@ -92,7 +92,7 @@ def bn_stats_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     BLOCK = 1024
     total = x.numel()
-    torch.library.wrap_triton(_bn_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
+    wrap_triton(_bn_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
         x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=BLOCK)
     return gx
 

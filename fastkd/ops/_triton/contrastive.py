@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import wrap_triton
 from ..contrastive import _backward, _segments, _setup_context
 
 
@@ -89,7 +90,7 @@ def cross_class_contrastive_fwd(outputs: torch.Tensor, labels: torch.Tensor, gro
     U = torch.zeros(G, K, **f64)
     BR = 32
     BK = min(triton.next_power_of_2(K), 64)
-    wt = torch.library.wrap_triton
+    wt = wrap_triton
     wt(_scatter_rows)[(triton.cdiv(N, BR),)](p, gid, gsum, N, K, BLOCK_R=BR, BLOCK_K=BK)
     wt(_centred_sums)[(triton.cdiv(N, BR),)](p, gid, sid, gsum, ng, T, N, K, BLOCK_R=BR, BLOCK_K=BK)
     wt(_scatter_rows)[(triton.cdiv(S, BR),)](T, sg, U, S, K, BLOCK_R=BR, BLOCK_K=BK)

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import wrap_triton
 from ..image_distance import _backward, _setup_context
 
 
@@ -43,7 +44,7 @@ def image_distance_fwd(a: torch.Tensor, b: torch.Tensor, p: int, reduction: int,
     grad = torch.empty_like(a, memory_format=torch.contiguous_format) if need_grad else a.new_empty((0,))
     per = 1.0 / D if p == 1 else 1.0
     red = 1.0 / N if reduction == 1 else 1.0
-    torch.library.wrap_triton(_image_distance_kernel)[(nblk, N)](
+    wrap_triton(_image_distance_kernel)[(nblk, N)](
         a, b, grad if need_grad else a, part, D, per * red, nblk, P=p, GRAD=need_grad,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK)
     per_sample = part.sum(1) * per

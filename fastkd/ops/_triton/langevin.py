@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import wrap_triton
+
 
 @triton.jit
 def _philox(c0, c1, k0, k1):
@@ -179,7 +181,7 @@ def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr_t: torch.Tensor | Non
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     lo = lo if do_clamp else 0.0
     hi = hi if do_clamp else 0.0
-    wt = torch.library.wrap_triton
+    wt = wrap_triton
     if tv_weight == 0.0:
         BJ = 256
         grid = (triton.cdiv(triton.cdiv(x.numel(), 4), BJ),)

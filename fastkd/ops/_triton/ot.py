@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import wrap_triton
 from ..ot import _fix_cancelled, _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup
 
 
@@ -54,7 +55,7 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = torch.empty((N, M), dtype=ct, device=a.device)
     s = torch.empty((N, M), dtype=ct, device=a.device)
     BM, BN, BK = 32, 32, 32
-    torch.library.wrap_triton(_sqdist_kernel)[(triton.cdiv(N, BM), triton.cdiv(M, BN))](
+    wrap_triton(_sqdist_kernel)[(triton.cdiv(N, BM), triton.cdiv(M, BN))](
         a2, b2, mu, d, s, N, M, D, BM=BM, BN=BN, BK=BK,
         ACC=tl.float64 if ct == torch.float64 else tl.float32)
     d = _fix_cancelled(a2, b2, d, s)
@@ -149,7 +150,7 @@ def sliced_project(x: torch.Tensor, n_projections: int, seed: int) -> tuple[torc
     L = n_projections
     out = torch.empty((N, L), dtype=ct, device=x.device)
     sq = torch.empty((L,), dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_project_kernel)[(triton.cdiv(N, _BM), triton.cdiv(L, _BL))](
+    wrap_triton(_project_kernel)[(triton.cdiv(N, _BM), triton.cdiv(L, _BL))](
         x2, out, sq, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
         ACC=tl.float64 if ct == torch.float64 else tl.float32)
     inv = torch.rsqrt(sq.to(ct))
@@ -162,7 +163,7 @@ def sliced_backproject(g: torch.Tensor, inv_norm: torch.Tensor, D: int, seed: in
     g2 = g.to(ct).contiguous()
     N, L = g2.shape
     out = torch.empty((N, D), dtype=ct, device=g.device)
-    torch.library.wrap_triton(_backproject_kernel)[(triton.cdiv(N, _BM), triton.cdiv(D, _BK))](
+    wrap_triton(_backproject_kernel)[(triton.cdiv(N, _BM), triton.cdiv(D, _BK))](
         g2, inv_norm.to(ct).contiguous(), out, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
         ACC=tl.float64 if ct == torch.float64 else tl.float32)
     return out.to(g.dtype)

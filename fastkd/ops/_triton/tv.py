@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import wrap_triton
 from ..tv import _tv_backward, _tv_setup_context, tv_num_terms
 
 
@@ -90,7 +91,7 @@ def tv_loss_fwd(x: torch.Tensor, p: int, diagonal: bool, reduction: int,
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad else x.new_empty((0,))
     terms = tv_num_terms(x.shape, diagonal)
     scale = 1.0 / terms if reduction == 1 else 1.0
-    torch.library.wrap_triton(_tv_fwd_kernel)[(nblk, N)](
+    wrap_triton(_tv_fwd_kernel)[(nblk, N)](
         x, grad if need_grad else x, part, per_sample, H * W, H, W, scale, nblk,
         P=p, DIAG=diagonal, GRAD=need_grad,
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK)
