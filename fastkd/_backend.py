@@ -81,7 +81,7 @@ def rebuild_command() -> str:
         if raw:
             d = json.loads(raw)
             url = d.get("url", "")
-            if url.startswith("file://"):
+            if url.startswith("file://") and os.path.isdir(url[len("file://"):]):  # a source tree
                 src = url[len("file://"):]
                 editable = bool(d.get("dir_info", {}).get("editable"))
     except Exception:  # pragma: no cover - metadata missing or unreadable
@@ -91,6 +91,7 @@ def rebuild_command() -> str:
         if os.path.isfile(os.path.join(root, "setup.py")):
             src, editable = root, True
     if src is None:
+        # installed from a wheel or an index: rebuild from fastkd's source (the sdist)
         return f"{py} -m pip install --no-build-isolation --no-deps --force-reinstall --no-binary fastkd fastkd"
     flag = "-e " if editable else "--force-reinstall "
     return f"{py} -m pip install --no-build-isolation --no-deps {flag}{shlex.quote(src)}"
