@@ -69,8 +69,8 @@ def _nvcc_version(cuda_home):
 def _cuda_plan(torch, cpp_extension):
     """Decide whether CUDA kernels are compiled, and for which architectures.
 
-    Returns (with_cuda, arch_list), or (False, why not) without CUDA. Without CUDA it prints one line saying why and how to
-    get the CUDA kernels; with ``FASTKD_FORCE_CUDA=1`` a reason not to build is an error.
+    Returns (True, arch_list), or (False, why not). Without CUDA it prints one line saying
+    why and how to get the CUDA kernels; with ``FASTKD_FORCE_CUDA=1`` that is an error.
     """
     force = _flag("FASTKD_FORCE_CUDA")
     why_not = None
@@ -114,7 +114,6 @@ def _cuda_plan(torch, cpp_extension):
     print(f"fastkd: building CPU + CUDA kernels for CUDA architectures {archs} ({origin}; "
           "set TORCH_CUDA_ARCH_LIST to choose, FASTKD_NO_CUDA=1 to skip them)")
     return True, archs
-
 
 
 def _source_hash() -> str:

@@ -14,7 +14,9 @@ for what is not, why.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +72,6 @@ def rebuild_command() -> str:
     """The command that rebuilds fastkd._C against the running torch, for this install."""
     import json
     import shlex
-    import sys
 
     py = shlex.quote(sys.executable)
     src, editable = None, False
@@ -122,9 +123,6 @@ def _load_extension() -> None:
     if os.environ.get("FASTKD_DISABLE_EXT", "0") == "1":
         _C_STATE, _C_REASON = "disabled", "disabled by FASTKD_DISABLE_EXT=1"
         return
-    import importlib.util
-    import sys
-
     loaded = sys.modules.get("fastkd._C")
     if loaded is not None:  # already imported (or provided) by the embedding program
         origin = getattr(loaded, "__file__", None)
