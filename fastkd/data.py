@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits", "digits_loaders", "digits_info", "DIGITS_NUM_CLASSES", "DIGITS_SPLIT_SEED",
+__all__ = ["digits", "digits_loaders", "digits_info", "fmnist", "fmnist_info", "FMNIST_DEFAULT_ROOT", "DIGITS_NUM_CLASSES", "DIGITS_SPLIT_SEED",
            "DIGITS_TEST_FRACTION", "DEFAULT_SIZE"]
 
 DIGITS_NUM_CLASSES = 10
@@ -104,3 +104,116 @@ def digits_loaders(batch_size: int = 256, size: int = DEFAULT_SIZE, *, shuffle_s
     train = DataLoader(TensorDataset(x_tr, y_tr), batch_size=batch_size, shuffle=True, generator=g)
     test = DataLoader(TensorDataset(x_te, y_te), batch_size=test_batch_size, shuffle=False)
     return train, test
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+#: Where Debian's ``dataset-fashion-mnist`` package puts the four IDX files.
+FMNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+FMNIST_NUM_CLASSES = 10
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+_FMNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+                 "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+_FMNIST_INSTALL = ("apt-get install dataset-fashion-mnist (puts the IDX files in "
+                   f"{FMNIST_DEFAULT_ROOT}), or pass root= / --data-root a folder holding "
+                   "train-images-idx3-ubyte[.gz] and the three other IDX files")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """One IDX file (the MNIST container: big-endian magic, dims, then the array), gzipped or not.
+
+    Written here rather than taken from torchvision because torchvision is not a
+    dependency of fastkd and the format is a 4-byte header plus a raw array.
+    """
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"fmnist: {path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+    if raw[2] not in dtypes:
+        raise ValueError(f"fmnist: {path} has an unknown IDX element type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    arr = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"fmnist: {path} is truncated: header says {tuple(dims)} "
+                         f"({int(np.prod(dims))} values), file holds {arr.size}")
+    return arr.reshape(tuple(int(d) for d in dims))
+
+
+def _find_fmnist(root: str | None) -> dict:
+    """Paths of the four IDX files: ``root`` itself, or torchvision's ``root/FashionMNIST/raw``."""
+    import os
+
+    roots = [root] if root is not None else [os.environ.get("FASTKD_FMNIST_ROOT") or FMNIST_DEFAULT_ROOT]
+    for r in list(roots):
+        roots += [os.path.join(r, "FashionMNIST", "raw"), os.path.join(r, "raw")]
+    for r in roots:
+        found = {}
+        for key, stem in _FMNIST_FILES.items():
+            for cand in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+                p = os.path.join(r, cand)
+                if os.path.isfile(p):
+                    found[key] = p
+                    break
+        if len(found) == 4:
+            return found
+    where = root if root is not None else roots[0]
+    raise FileNotFoundError(f"fmnist: the Fashion-MNIST IDX files are not in {where!r}; {_FMNIST_INSTALL}")
+
+
+@functools.lru_cache(maxsize=4)
+def _fmnist_cached(root: str | None, size: int):
+    files = _find_fmnist(root)
+    arrays = {k: _read_idx(p) for k, p in files.items()}
+    x_tr = torch.from_numpy(arrays["train_images"].astype(np.float32) / 255.0).unsqueeze(1)
+    x_te = torch.from_numpy(arrays["test_images"].astype(np.float32) / 255.0).unsqueeze(1)
+    y_tr = torch.from_numpy(arrays["train_labels"].astype(np.int64))
+    y_te = torch.from_numpy(arrays["test_labels"].astype(np.int64))
+    if x_tr.shape[1:] != (1, 28, 28) or x_te.shape[1:] != (1, 28, 28) or len(y_tr) != len(x_tr) \
+            or len(y_te) != len(x_te):
+        raise ValueError(f"fmnist: unexpected IDX contents in {files['train_images']!r}: images "
+                         f"{tuple(x_tr.shape)} / {tuple(x_te.shape)}, labels {len(y_tr)} / {len(y_te)}")
+    if size == 32:  # the paper's fmnist-32: zero padding by 2 pixels
+        x_tr, x_te = F.pad(x_tr, (2, 2, 2, 2)), F.pad(x_te, (2, 2, 2, 2))
+    elif size != 28:
+        x_tr = F.interpolate(x_tr, size=(size, size), mode="bilinear", align_corners=False)
+        x_te = F.interpolate(x_te, size=(size, size), mode="bilinear", align_corners=False)
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    x_tr = (x_tr - mean) / std
+    x_te = (x_te - mean) / std
+    return x_tr.contiguous(), y_tr, x_te.contiguous(), y_te, mean, std
+
+
+def _check_fmnist_size(size) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"fmnist: size must be an int >= 8 (32: the paper's zero-padded fmnist-32, 28: "
+                         f"the original), got {size!r}")
+
+
+def fmnist(size: int = 32, *, root: str | None = None):
+    """Fashion-MNIST as tensors ``(x_train, y_train, x_test, y_test)`` (60,000 / 10,000 images).
+
+    Read from the IDX files in ``root`` (default: :data:`FMNIST_DEFAULT_ROOT`, Debian's
+    ``dataset-fashion-mnist``; the environment variable ``FASTKD_FMNIST_ROOT`` overrides
+    it; torchvision's ``root/FashionMNIST/raw`` layout is found too). ``size=32`` pads
+    the 28x28 images with 2 black pixels per side (the CAKE paper's ``fmnist-32``); other
+    sizes resample bilinearly. Pixels are scaled to [0, 1] and normalised with the
+    training split's mean and std; :func:`fmnist_info` gives both and the pixel range.
+    """
+    _check_fmnist_size(size)
+    out = _fmnist_cached(root, size)
+    return tuple(t.clone() for t in out[:4])
+
+
+def fmnist_info(size: int = 32, *, root: str | None = None) -> dict:
+    """num_classes, input_shape, class names, mean/std (in [0, 1] pixel units) and
+    ``pixel_range``: the normalised values of black and white, the range real images span."""
+    _check_fmnist_size(size)
+    *_, mean, std = _fmnist_cached(root, size)
+    return {"num_classes": FMNIST_NUM_CLASSES, "input_shape": (1, size, size), "mean": mean, "std": std,
+            "classes": FMNIST_CLASSES, "pixel_range": ((0.0 - mean) / std, (1.0 - mean) / std)}

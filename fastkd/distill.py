@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,16 +223,18 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         progress: print one line per epoch (rank 0 only).
         distributed: use DistributedDataParallel; default: when torch.distributed is
             initialised with more than one process.
-        augment: None, or "shift": every batch is translated at random by up to one pixel
-            per sample (edges replicated) and relabelled by ``teacher``, whose answers on
-            the shifted inputs replace the stored ones. Data-free: it only needs the
-            teacher and the (synthetic) inputs. Needs ``teacher`` and (N, C, H, W) inputs.
+        augment: None, or a "+"-joined list of transforms applied to every batch, which
+            is then relabelled by ``teacher`` (its answers on the transformed inputs replace
+            the stored ones): "shift" (random per-sample translation by up to one pixel,
+            edges replicated; "shift2" up to two), "flip" (horizontal flip of half the
+            samples), "mixup" (each sample blended with another of the batch, weight
+            ~ U(0, 1)). E.g. "shift+flip+mixup". Data-free: it only needs the teacher and
+            the (synthetic) inputs. Needs ``teacher`` and (N, C, H, W) inputs.
         log: where progress lines go (default: print to stderr).
     """
     op = "train_student"
-    if augment not in (None, "shift"):
-        raise ValueError(f"{op}: augment must be None or 'shift', got {augment!r}")
-    if augment is not None and teacher is None:
+    aug_ops = parse_augment(augment, op)
+    if aug_ops and teacher is None:
         raise ValueError(f"{op}: augment={augment!r} relabels the augmented inputs, so teacher is required")
     if not isinstance(student, nn.Module):
         raise TypeError(f"{op}: student must be an nn.Module, got {type(student).__name__}")
@@ -303,10 +305,11 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         tot, cnt = 0.0, 0
         for x, p in source:
             x = x.to(dev, non_blocking=True)
-            if augment == "shift":
+            if aug_ops:
                 if x.dim() != 4:
-                    raise ValueError(f"{op}: augment='shift' needs (N, C, H, W) inputs, got shape {tuple(x.shape)}")
-                x, p = _shift_augment(x, aug_gen), None
+                    raise ValueError(f"{op}: augment={augment!r} needs (N, C, H, W) inputs, got shape "
+                                     f"{tuple(x.shape)}")
+                x, p = apply_augment(x, aug_ops, aug_gen), None
             if p is None:
                 with torch.no_grad():
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -334,6 +337,37 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
     bar.close()
     hist.seconds = time.perf_counter() - t_start
     return hist
+
+
+# --------------------------------------------------------------------------- augmentation
+AUGMENTS = ("shift", "shift2", "flip", "mixup")
+
+
+def parse_augment(augment, op: str = "augment") -> tuple[str, ...]:
+    """``None`` / "none" -> (); "shift+flip" -> ("shift", "flip"); anything else raises."""
+    if augment is None or augment == "none":
+        return ()
+    parts = tuple(augment.split("+")) if isinstance(augment, str) else ()
+    if not parts or any(a not in AUGMENTS for a in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"{op}: augment must be None or a '+'-joined list of distinct transforms from "
+                         f"{AUGMENTS} (e.g. 'shift+flip+mixup'), got {augment!r}")
+    return parts
+
+
+def apply_augment(x: torch.Tensor, ops: Sequence[str], gen: torch.Generator) -> torch.Tensor:
+    """Apply the transforms of :func:`parse_augment` to an (N, C, H, W) batch, in order."""
+    n, dev = x.shape[0], x.device
+    for a in ops:
+        if a in ("shift", "shift2"):
+            x = _shift_augment(x, gen, max_shift=1 if a == "shift" else 2)
+        elif a == "flip":
+            m = (torch.rand(n, generator=gen) < 0.5).to(dev).view(n, 1, 1, 1)
+            x = torch.where(m, x.flip(-1), x)
+        elif a == "mixup":
+            lam = torch.rand(n, generator=gen).to(dev, x.dtype).view(n, 1, 1, 1)
+            perm = torch.randperm(n, generator=gen).to(dev)
+            x = lam * x + (1 - lam) * x[perm]
+    return x
 
 
 # --------------------------------------------------------------------------- teacher

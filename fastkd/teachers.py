@@ -10,6 +10,10 @@ A teacher file is one of:
 
 ``load_teacher("digits")`` returns the bundled digits teacher (a ``cnn`` trained by
 :func:`fastkd.distill.train_teacher` with seed 0, shipped in ``fastkd/assets``).
+``load_teacher("fmnist")`` and ``load_teacher("fmnist-bn")`` return the bundled
+Fashion-MNIST teachers (the CAKE paper's LeNet-5, and a BatchNorm CNN for TA-DFKD and
+the BN prior), trained on 32x32 ``fastkd.data.fmnist`` by :func:`train_fmnist_teacher`
+with the recipe in :data:`FMNIST_TEACHERS`; their test accuracy is in the checkpoint.
 """
 from __future__ import annotations
 
@@ -18,10 +22,22 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["load_teacher", "save_teacher", "digits_teacher", "DIGITS_TEACHER_PATH", "TEACHER_FORMAT"]
+__all__ = ["load_teacher", "save_teacher", "digits_teacher", "fmnist_teacher", "train_fmnist_teacher",
+           "DIGITS_TEACHER_PATH", "FMNIST_TEACHERS", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "fastkd.teacher/1"
-DIGITS_TEACHER_PATH = os.path.join(os.path.dirname(__file__), "assets", "digits_cnn.pt")
+_ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+DIGITS_TEACHER_PATH = os.path.join(_ASSETS, "digits_cnn.pt")
+
+#: The bundled Fashion-MNIST teachers: name -> (zoo model, constructor kwargs, training recipe
+#: for :func:`fastkd.distill.train_teacher`, asset file). Both read 1x32x32 inputs.
+FMNIST_TEACHERS = {
+    "fmnist": ("lenet5", {}, dict(epochs=15, batch_size=128, lr=2e-3, weight_decay=1e-4, augment=False, seed=0),
+               "fmnist_lenet5.pt"),
+    "fmnist-bn": ("cnn_bn", {"input_size": 32},
+                  dict(epochs=15, batch_size=128, lr=2e-3, weight_decay=1e-4, augment=False, seed=0),
+                  "fmnist_cnn_bn.pt"),
+}
 
 
 def save_teacher(model: nn.Module, path: str, *, name: str, num_classes: int, in_channels: int,
@@ -61,6 +77,12 @@ def load_teacher(path: str, *, model: str | None = None, num_classes: int | None
         if not os.path.exists(path):  # pragma: no cover - broken installation
             raise FileNotFoundError(f"load_teacher: the bundled digits teacher is missing ({path}); "
                                     "reinstall fastkd or train one with fastkd.distill.train_teacher")
+    elif path in FMNIST_TEACHERS:
+        name = path
+        path = os.path.join(_ASSETS, FMNIST_TEACHERS[name][3])
+        if not os.path.exists(path):  # pragma: no cover - broken installation
+            raise FileNotFoundError(f"load_teacher: the bundled {name} teacher is missing ({path}); reinstall "
+                                    f"fastkd or train it with fastkd.teachers.train_fmnist_teacher({name!r})")
     if not isinstance(path, str) or not os.path.exists(path):
         raise FileNotFoundError(f"load_teacher: teacher file {path!r} does not exist")
     if _is_torchscript(path):
@@ -105,3 +127,33 @@ def load_teacher(path: str, *, model: str | None = None, num_classes: int | None
 def digits_teacher():
     """The bundled digits teacher and its info (see :func:`load_teacher`)."""
     return load_teacher("digits")
+
+
+def fmnist_teacher(name: str = "fmnist"):
+    """A bundled Fashion-MNIST teacher and its info: ``"fmnist"`` (LeNet-5, the CAKE paper's
+    teacher) or ``"fmnist-bn"`` (a CNN with BatchNorm). Inputs: 1x32x32 images normalised
+    as :func:`fastkd.data.fmnist` does."""
+    if name not in FMNIST_TEACHERS:
+        raise ValueError(f"fmnist_teacher: name must be one of {sorted(FMNIST_TEACHERS)}, got {name!r}")
+    return load_teacher(name)
+
+
+def train_fmnist_teacher(name: str = "fmnist", *, path: str | None = None, root: str | None = None,
+                         device=None, progress: bool = True):
+    """Train a Fashion-MNIST teacher with its recipe in :data:`FMNIST_TEACHERS` (this is how
+    the bundled ones were made); returns ``(model, history)`` and writes a teacher checkpoint
+    (with its test accuracy) to ``path`` when given. Needs the Fashion-MNIST files
+    (:func:`fastkd.data.fmnist`); a few minutes on a CPU."""
+    from . import data, distill, models
+
+    if name not in FMNIST_TEACHERS:
+        raise ValueError(f"train_fmnist_teacher: name must be one of {sorted(FMNIST_TEACHERS)}, got {name!r}")
+    arch, kwargs, recipe, _ = FMNIST_TEACHERS[name]
+    d = data.fmnist(32, root=root)
+    torch.manual_seed(recipe["seed"])
+    model = models.create(arch, num_classes=10, in_channels=1, **kwargs)
+    model, hist = distill.train_teacher(model, data=d, device=device, progress=progress, **recipe)
+    if path is not None:
+        save_teacher(model, path, name=arch, num_classes=10, in_channels=1, input_shape=(1, 32, 32), kwargs=kwargs,
+                     test_accuracy=hist.final_accuracy, data="fmnist-32", recipe=recipe)
+    return model, hist

@@ -19,7 +19,17 @@ METHODS = ["cake", "lake"]
 #: The bundled default (``fastkd demo``): sized to finish within 5 minutes on a 2-core CPU.
 DEMO = dict(size=8, num_samples=12800, batch_size=100, steps=25, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=(1e-2, 1e-5),
             schedule="loglinear", student="cnn_half", epochs=30, student_batch_size=64, student_lr=0.1,
-            augment="shift")
+            augment="shift", clamp=False)
+
+#: ``fastkd demo --data fmnist``: the CAKE paper's Fashion-MNIST row (LeNet-5 -> LeNet-5-Half,
+#: 32x32), sized to finish within 5 minutes on a 2-core CPU. See docs/cake.md for the study
+#: behind these values.
+FMNIST_DEMO = dict(size=32, num_samples=10000, batch_size=100, steps=50, w_cls=1e3, w_contr=1e1, w_tv=1e5,
+                   lr=(1e-1, 1e-2), schedule="loglinear", student="lenet5_half", epochs=30, student_batch_size=64,
+                   student_lr=0.1, augment="shift+flip+mixup", clamp=True)
+
+#: Demo configurations by data set.
+DEMOS = {"digits": DEMO, "fmnist": FMNIST_DEMO}
 
 
 def _log(msg: str) -> None:
@@ -187,60 +197,76 @@ def _fmt_table(rows) -> str:
 
 
 # --------------------------------------------------------------------------- demo
-def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: int = 0, train_teacher: bool = False,
-             num_samples: int | None = None, steps: int | None = None, epochs: int | None = None,
-             augment: str | None = "default", reference: bool = False, baseline: bool = True, device=None, progress: bool = True,
-             threads: int | None = None) -> dict:
-    """The bundled default end to end; returns (and writes) the JSON summary.
+def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fastkd_out/demo", seed: int = 0,
+             train_teacher: bool = False, num_samples: int | None = None, steps: int | None = None,
+             epochs: int | None = None, augment: str | None = "default", reference: bool = False,
+             baseline: bool = True, device=None, progress: bool = True, threads: int | None = None,
+             data_root: str | None = None) -> dict:
+    """A bundled default end to end; returns (and writes) the JSON summary.
 
-    Teacher: the bundled digits CNN (or one trained now with ``train_teacher=True``);
-    synthesis: CAKE/LAKE with :data:`DEMO`; student: ``cnn_half`` distilled on the
-    synthetic set; baseline: the same student recipe on teacher-labelled N(0, I) inputs;
-    ``reference=True`` adds the eager authors' loop at the same budget. ``augment``: the
-    student's teacher-relabelled shift augmentation (:func:`fastkd.distill.train_student`),
-    "shift" by default, None to train on the synthetic samples as they are; the baseline
-    and the reference get the same recipe.
-    Only the digits test split is touched, for evaluation.
+    ``data="digits"`` (:data:`DEMO`): the bundled digits CNN teacher (or one trained now
+    with ``train_teacher=True``), student ``cnn_half``. ``data="fmnist"``
+    (:data:`FMNIST_DEMO`): the CAKE paper's Fashion-MNIST row, the bundled LeNet-5 teacher
+    (or one trained now), student ``lenet5_half``; needs the Fashion-MNIST files
+    (:func:`fastkd.data.fmnist`, ``data_root``). Synthesis: CAKE/LAKE; the student is
+    distilled on the synthetic set; baseline: the same student recipe on teacher-labelled
+    N(0, I) inputs; ``reference=True`` adds the eager authors' loop at the same budget.
+    ``augment``: the student's teacher-relabelled augmentation
+    (:func:`fastkd.distill.train_student`; the configuration's by default, None to train on
+    the synthetic samples as they are); the baseline and the reference get the same recipe.
+    Only the test split is touched, for evaluation.
     """
-    from fastkd import data, distill, models
+    from fastkd import data as _data
+    from fastkd import distill, models
     from fastkd.synthesis import cake
-    from fastkd.teachers import digits_teacher
+    from fastkd.teachers import digits_teacher, fmnist_teacher, train_fmnist_teacher
 
     if method not in METHODS:
         raise ValueError(f"run_demo: method must be one of {METHODS}, got {method!r}")
+    if data not in DEMOS:
+        raise ValueError(f"run_demo: data must be one of {sorted(DEMOS)}, got {data!r}")
     if threads:
         torch.set_num_threads(threads)
     dev = _device(device)
-    cfg = dict(DEMO)
+    cfg = dict(DEMOS[data])
     cfg.update({k: v for k, v in dict(num_samples=num_samples, steps=steps, epochs=epochs).items() if v is not None})
     if augment != "default":
         cfg["augment"] = None if augment in (None, "none") else augment
     t_all = time.perf_counter()
     timings = {}
-    _, _, x_te, y_te = data.digits(cfg["size"])  # evaluation only
+    if data == "digits":
+        _, _, x_te, y_te = _data.digits(cfg["size"])  # evaluation only
+        info = _data.digits_info(cfg["size"])
+    else:
+        _, _, x_te, y_te = _data.fmnist(cfg["size"], root=data_root)  # evaluation only
+        info = _data.fmnist_info(cfg["size"], root=data_root)
     test = (x_te, y_te)
-    info = data.digits_info(cfg["size"])
 
     t0 = time.perf_counter()
-    if train_teacher:
-        teacher, th = distill.train_teacher(size=cfg["size"], seed=seed, progress=progress, device=dev)
+    if data == "digits":
+        teacher = (distill.train_teacher(size=cfg["size"], seed=seed, progress=progress, device=dev)[0]
+                   if train_teacher else digits_teacher()[0])
     else:
-        teacher, _ = digits_teacher()
+        teacher = (train_fmnist_teacher("fmnist", root=data_root, device=dev, progress=progress)[0]
+                   if train_teacher else fmnist_teacher("fmnist")[0])
+    teacher_name = "cnn" if data == "digits" else "lenet5"
     teacher.to(dev).eval()
     timings["teacher"] = time.perf_counter() - t0
     t_acc = distill.evaluate(teacher, test)
-    _log(f"demo [{method}]: teacher cnn ({models.num_parameters(teacher)} parameters): test accuracy "
-         f"{100 * t_acc:.2f}%; seed {seed}; config {json.dumps({k: v for k, v in cfg.items()})}")
+    _log(f"demo [{method}, {data}]: teacher {teacher_name} ({models.num_parameters(teacher)} parameters): test "
+         f"accuracy {100 * t_acc:.2f}%; seed {seed}; config {json.dumps({k: v for k, v in cfg.items()})}")
 
     syn_kw = dict(num_classes=10, input_shape=info["input_shape"], num_samples=cfg["num_samples"],
                   batch_size=cfg["batch_size"], steps=cfg["steps"], w_cls=cfg["w_cls"], w_contr=cfg["w_contr"],
-                  w_tv=cfg["w_tv"], lr=cfg["lr"], schedule=cfg["schedule"], seed=seed)
+                  w_tv=cfg["w_tv"], lr=cfg["lr"], schedule=cfg["schedule"], seed=seed,
+                  clamp=info["pixel_range"] if cfg.get("clamp") else None)
     t0 = time.perf_counter()
     ds = cake(teacher, langevin=(method == "lake"), progress=progress, **syn_kw)
     timings["synthesis"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
-    grid = save_sample_grid(ds, os.path.join(out_dir, f"samples_{method}.png"),
-                            title=f"{method.upper()} samples for the digits teacher (rows: class 0-9)")
+    grid = save_sample_grid(ds, os.path.join(out_dir, f"samples_{method}.png" if data == "digits"
+                                             else f"samples_{method}_{data}.png"),
+                            title=f"{method.upper()} samples for the {data} teacher (rows: class 0-9)")
 
     train_kw = dict(epochs=cfg["epochs"], batch_size=cfg["student_batch_size"], lr=cfg["student_lr"],
                     augment=cfg["augment"])
@@ -255,10 +281,10 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
     h = distill.train_student(s, ds, teacher=teacher, eval_data=test, seed=seed, progress=progress,
                               eval_every=cfg["epochs"], **train_kw)
     timings["student"] = time.perf_counter() - t0
-    rows = [("teacher (cnn)", t_acc, timings["teacher"], "bundled checkpoint" if not train_teacher else "trained now"),
+    rows = [(f"teacher ({teacher_name})", t_acc, timings["teacher"], "bundled checkpoint" if not train_teacher else "trained now"),
             (f"student {cfg['student']} [{method}]", h.final_accuracy, timings["synthesis"] + timings["student"],
              f"{ds.meta['throughput_sample_steps_per_s']:.0f} sample-steps/s")]
-    summary = {"method": method, "seed": seed, "config": cfg, "device": str(dev),
+    summary = {"method": method, "data": data, "seed": seed, "config": cfg, "device": str(dev),
                "torch_threads": torch.get_num_threads(), "teacher_accuracy": t_acc,
                "student_accuracy": h.final_accuracy, "teacher_agreement": ds.teacher_agreement(),
                "synthesis_throughput_sample_steps_per_s": ds.meta["throughput_sample_steps_per_s"],
@@ -268,7 +294,8 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
         from fastkd.synthesis.reference import authors_loop
 
         t0 = time.perf_counter()
-        ref = authors_loop(teacher, langevin=(method == "lake"), progress=progress, **syn_kw)
+        ref = authors_loop(teacher, langevin=(method == "lake"), progress=progress,
+                           **{k: v for k, v in syn_kw.items() if k != "clamp"})  # their loop has no clamp
         timings["reference_synthesis"] = time.perf_counter() - t0
         sr = student()
         hr = distill.train_student(sr, ref, teacher=teacher, eval_data=test, seed=seed, progress=progress,
@@ -291,7 +318,7 @@ def run_demo(method: str = "cake", *, out_dir: str = "fastkd_out/demo", seed: in
     rows.append(("total", None, timings["total"], ""))
     table = _fmt_table(rows)
     summary["table"] = table
-    path = os.path.join(out_dir, f"summary_{method}.json")
+    path = os.path.join(out_dir, f"summary_{method}.json" if data == "digits" else f"summary_{method}_{data}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(table)
@@ -310,26 +337,64 @@ def _demo_parser() -> argparse.ArgumentParser:
                     "table, writes a sample-grid PNG and a JSON summary.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="cake", help="cake (implicit noise) or lake (Langevin)")
+    p.add_argument("--data", choices=sorted(DEMOS), default="digits",
+                   help="digits: scikit-learn's bundled 8x8 digits; fmnist: Fashion-MNIST 32x32 (the CAKE paper's "
+                        "LeNet-5 -> LeNet-5-Half row; needs the IDX files, see --data-root)")
+    p.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files (default: "
+                                       "/usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)")
     p.add_argument("--out", default="fastkd_out/demo", help="folder for the PNG and the JSON summary")
     p.add_argument("--seed", type=int, default=0, help="seed of synthesis and student training")
-    p.add_argument("--num-samples", type=int, default=DEMO["num_samples"], help="synthetic samples")
-    p.add_argument("--steps", type=int, default=DEMO["steps"], help="synthesis steps per batch")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="student epochs")
+    p.add_argument("--num-samples", type=int, help="synthetic samples (default: the data set's demo configuration, "
+                   f"digits {DEMO['num_samples']}, fmnist {FMNIST_DEMO['num_samples']})")
+    p.add_argument("--steps", type=int, help="synthesis steps per batch (default: digits "
+                   f"{DEMO['steps']}, fmnist {FMNIST_DEMO['steps']})")
+    p.add_argument("--epochs", type=int, help=f"student epochs (default: digits {DEMO['epochs']}, fmnist "
+                                              f"{FMNIST_DEMO['epochs']})")
     p.add_argument("--train-teacher", action="store_true", help="train the teacher now instead of loading the "
-                   "bundled checkpoint (about a minute)")
+                   "bundled checkpoint (digits: about a minute; fmnist: a few minutes)")
     p.add_argument("--reference", action="store_true", help="also run the eager authors' loop at the same budget")
     p.add_argument("--no-baseline", action="store_true", help="skip the noise baseline")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--augment", choices=["shift", "none"], default=DEMO["augment"],
-                   help="student batches shifted by up to 1 pixel and relabelled by the teacher, or none")
+    p.add_argument("--augment", type=_augment_arg, default="default",
+                   help="teacher-relabelled augmentation of the student's batches: a '+'-joined list of shift, "
+                        "shift2, flip, mixup, or none (default: the data set's configuration, digits "
+                        f"{DEMO['augment']}, fmnist {FMNIST_DEMO['augment']})")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
+def _augment_arg(v: str) -> str:
+    from fastkd.distill import parse_augment
+
+    if v == "default":
+        return v
+    try:
+        parse_augment(v, "--augment")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return v
+
+
+def _positive(a, p, *names) -> None:
+    for n in names:
+        v = getattr(a, n)
+        if v is not None and v < 1:
+            p.error(f"--{n.replace('_', '-')} must be a positive integer, got {v}")
+
+
 def cli_demo(argv) -> int:
-    a = _demo_parser().parse_args(argv)
-    run_demo(a.method, out_dir=a.out, seed=a.seed, train_teacher=a.train_teacher, num_samples=a.num_samples,
+    p = _demo_parser()
+    a = p.parse_args(argv)
+    _positive(a, p, "num_samples", "steps", "epochs")
+    if a.data == "fmnist":
+        from fastkd import data as _data
+
+        try:
+            _data.fmnist_info(32, root=a.data_root)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+    run_demo(a.method, data=a.data, data_root=a.data_root, out_dir=a.out, seed=a.seed, train_teacher=a.train_teacher, num_samples=a.num_samples,
              steps=a.steps, epochs=a.epochs, augment=a.augment, reference=a.reference, baseline=not a.no_baseline, device=a.device,
              progress=not a.quiet, threads=a.threads)
     return 0
@@ -357,9 +422,10 @@ def _distill_parser() -> argparse.ArgumentParser:
     g.add_argument("--student-lr", type=float, default=0.5, help="peak SGD lr (one-cycle)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--loss", choices=["soft_ce", "kl"], default="soft_ce")
-    g.add_argument("--augment", choices=["shift", "none"], default="shift",
-                   help="shift: translate every student batch by up to 1 pixel per sample and relabel it with "
-                        "the teacher (image inputs only); none: train on the synthetic samples as they are")
+    g.add_argument("--augment", type=_augment_arg, default="shift",
+                   help="teacher-relabelled augmentation of every student batch (image inputs only): a '+'-joined "
+                        "list of shift (up to 1 pixel), shift2 (up to 2), flip (horizontal), mixup (blend with "
+                        "another sample); none: train on the synthetic samples as they are (%(default)s)")
     add_synthesis_args(p)
     p.add_argument("--data", metavar="PATH", help="use this synthetic data set (a .pt file or a synthesis out "
                    "folder) instead of synthesising")

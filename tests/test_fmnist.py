@@ -1,0 +1,198 @@
+"""Fashion-MNIST: the IDX reader, the data set (real files from Debian's dataset-fashion-mnist),
+the bundled teachers, the relabelled augmentations and ``fastkd demo --data fmnist``."""
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd import data, distill
+from fastkd.teachers import FMNIST_TEACHERS, fmnist_teacher, load_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _have_fmnist() -> bool:
+    try:
+        data._find_fmnist(None)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# Without the package the real-data tests skip, naming what to install; CI installs it and sets
+# FASTKD_REQUIRE_FMNIST=1 so that a missing package fails there instead of skipping.
+if not _have_fmnist() and os.environ.get("FASTKD_REQUIRE_FMNIST"):
+    raise RuntimeError("FASTKD_REQUIRE_FMNIST is set but the Fashion-MNIST files are missing: "
+                       "apt-get install dataset-fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not _have_fmnist(), reason="Fashion-MNIST files missing: "
+                                  "apt-get install dataset-fashion-mnist")
+
+
+def _write_idx(path, arr: np.ndarray, code: int = 0x08, gz: bool = True, truncate: int = 0):
+    head = bytes([0, 0, code, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    body = arr.astype({0x08: ">u1", 0x0D: ">f4"}[code]).tobytes()
+    raw = head + (body[:-truncate] if truncate else body)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def _fake_tree(root, n_train=12, n_test=5, gz=True):
+    rng = np.random.RandomState(0)
+    os.makedirs(root, exist_ok=True)
+    ext = ".gz" if gz else ""
+    _write_idx(os.path.join(root, "train-images-idx3-ubyte" + ext), rng.randint(0, 256, (n_train, 28, 28)), gz=gz)
+    _write_idx(os.path.join(root, "train-labels-idx1-ubyte" + ext), np.arange(n_train) % 10, gz=gz)
+    _write_idx(os.path.join(root, "t10k-images-idx3-ubyte" + ext), rng.randint(0, 256, (n_test, 28, 28)), gz=gz)
+    _write_idx(os.path.join(root, "t10k-labels-idx1-ubyte" + ext), np.arange(n_test) % 10, gz=gz)
+
+
+# --------------------------------------------------------------------------- IDX reader
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_roundtrip(tmp_path, gz):
+    a = np.random.RandomState(1).randint(0, 256, (3, 5, 7))
+    p = str(tmp_path / ("a.idx" + (".gz" if gz else "")))
+    _write_idx(p, a, gz=gz)
+    np.testing.assert_array_equal(data._read_idx(p), a)
+    f = np.random.RandomState(2).randn(4, 2).astype(np.float32)
+    _write_idx(p, f, code=0x0D, gz=gz)
+    np.testing.assert_array_equal(data._read_idx(p), f)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    p = str(tmp_path / "t.gz")
+    _write_idx(p, np.zeros((4, 3)), truncate=2)
+    with pytest.raises(ValueError, match="truncated"):
+        data._read_idx(p)
+    q = tmp_path / "bad"
+    q.write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="bad magic"):
+        data._read_idx(str(q))
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision", "plain"])
+def test_fmnist_from_a_given_root_and_torchvision_layout(tmp_path, layout):
+    root = str(tmp_path)
+    where = {"flat": root, "plain": root, "torchvision": os.path.join(root, "FashionMNIST", "raw")}[layout]
+    _fake_tree(where, gz=layout != "plain")
+    x, y, xt, yt = data.fmnist(32, root=root)
+    assert x.shape == (12, 1, 32, 32) and xt.shape == (5, 1, 32, 32)
+    assert y.tolist() == [i % 10 for i in range(12)] and yt.dtype == torch.int64
+    info = data.fmnist_info(32, root=root)
+    lo, hi = info["pixel_range"]
+    # the 2-pixel zero padding is black: the lowest value of the normalised range
+    assert torch.allclose(x[:, :, :2, :], torch.full_like(x[:, :, :2, :], lo))
+    assert float(x.min()) >= lo - 1e-5 and float(x.max()) <= hi + 1e-5
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
+    assert data.fmnist(28, root=root)[0].shape == (12, 1, 28, 28)
+
+
+def test_fmnist_missing_files_say_what_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.fmnist(root=str(tmp_path))
+    with pytest.raises(ValueError, match="size must be an int >= 8"):
+        data.fmnist(4)
+
+
+# --------------------------------------------------------------------------- real data, teachers
+@needs_fmnist
+def test_fmnist_real_files():
+    x, y, xt, yt = data.fmnist()
+    assert x.shape == (60000, 1, 32, 32) and xt.shape == (10000, 1, 32, 32)
+    assert torch.bincount(y).tolist() == [6000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
+    info = data.fmnist_info()
+    assert info["input_shape"] == (1, 32, 32) and len(info["classes"]) == 10
+    assert 0.2 < info["mean"] < 0.25 and 0.3 < info["std"] < 0.36  # 32x32 with the black border
+
+
+@needs_fmnist
+@pytest.mark.parametrize("name", sorted(FMNIST_TEACHERS))
+def test_bundled_fmnist_teachers_reach_their_recorded_accuracy(name):
+    model, info = fmnist_teacher(name)
+    assert info["input_shape"] == [1, 32, 32] and info["num_classes"] == 10
+    _, _, xt, yt = data.fmnist()
+    acc = distill.evaluate(model, (xt, yt))
+    assert acc == pytest.approx(info["test_accuracy"], abs=2e-3)
+    assert acc > 0.90  # the CAKE paper's LeNet-5 teacher: 91.0
+    assert load_teacher(name)[1]["model"] == FMNIST_TEACHERS[name][0]
+
+
+def test_fmnist_teacher_bad_name():
+    with pytest.raises(ValueError, match="name must be one of"):
+        fmnist_teacher("cifar")
+
+
+# --------------------------------------------------------------------------- augmentations
+def test_parse_augment():
+    assert distill.parse_augment(None) == () and distill.parse_augment("none") == ()
+    assert distill.parse_augment("shift+flip+mixup") == ("shift", "flip", "mixup")
+    for bad in ("rotate", "shift+shift", "", "shift+", 3):
+        with pytest.raises(ValueError, match="augment must be"):
+            distill.parse_augment(bad)
+
+
+def test_apply_augment_flip_and_mixup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 5, 7)
+    f = distill.apply_augment(x, ("flip",), g)
+    same = (f == x).flatten(1).all(1)
+    flipped = (f == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | flipped).all()) and 10 < int(flipped.sum()) < 54
+    m = distill.apply_augment(x, ("mixup",), g)
+    # every output is a convex combination of its own input and one other input of the batch
+    for i in range(8):
+        ok = False
+        for j in range(64):
+            d = x[i] - x[j]
+            if float(d.abs().max()) == 0:
+                ok = ok or torch.allclose(m[i], x[i])
+                continue
+            lam = float(((m[i] - x[j]) * d).sum() / (d * d).sum())
+            ok = ok or (-1e-5 <= lam <= 1 + 1e-5 and torch.allclose(m[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5))
+        assert ok
+    s2 = distill.apply_augment(x, ("shift2",), torch.Generator().manual_seed(1))
+    assert s2.shape == x.shape and not torch.equal(s2, x)
+
+
+def test_train_student_combined_augment_relabels_every_batch():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    calls = []
+    hook = teacher.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = torch.randn(40, 1, 4, 4)
+    p = torch.softmax(teacher(x), 1).detach()
+    calls.clear()
+    s = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    h = distill.train_student(s, (x, p), teacher=teacher, augment="shift+flip+mixup", epochs=2, batch_size=16,
+                              lr=0.05, progress=False)
+    hook.remove()
+    assert sum(calls) == 80 and h.config["augment"] == "shift+flip+mixup"
+
+
+# --------------------------------------------------------------------------- demo
+@needs_fmnist
+def test_demo_fmnist_cli_tiny(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--data", "fmnist", "--num-samples", "200",
+                        "--steps", "2", "--epochs", "1", "--out", str(out), "--quiet", "--threads", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary_cake_fmnist.json").read_text())
+    assert s["data"] == "fmnist" and s["config"]["student"] == "lenet5_half"
+    assert 0.0 <= s["student_accuracy"] <= 1.0 and s["teacher_accuracy"] > 0.9
+    assert (out / "samples_cake_fmnist.png").stat().st_size > 1000
+    assert "teacher (lenet5)" in r.stdout
+
+
+def test_demo_cli_rejects_bad_values_in_one_line(tmp_path):
+    for args, msg in ((["--data", "fmnist", "--data-root", str(tmp_path)], "apt-get install dataset-fashion-mnist"),
+                      (["--steps", "0"], "--steps must be a positive integer"),
+                      (["--augment", "rotate"], "argument --augment")):
+        r = subprocess.run([sys.executable, "-m", "fastkd", "demo", *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
