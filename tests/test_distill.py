@@ -153,7 +153,7 @@ def test_train_student_augment_bad_input():
     ds = SyntheticDataset(x, distill.teacher_probs(teacher, x), torch.arange(64) % 10)
     s = models.create("cnn_half", width=0.25)
     with pytest.raises(ValueError, match="augment must be"):
-        distill.train_student(s, ds, teacher=teacher, augment="flip", epochs=1)
+        distill.train_student(s, ds, teacher=teacher, augment="rotate", epochs=1)
     with pytest.raises(ValueError, match="teacher is required"):
         distill.train_student(s, ds, augment="shift", epochs=1)
     mlp_teacher = torch.nn.Linear(5, 3)
