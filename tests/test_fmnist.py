@@ -196,3 +196,21 @@ def test_demo_cli_rejects_bad_values_in_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "fastkd", "demo", *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_synthesize_clamp_option(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastkd", "synthesize", "--teacher", "fmnist", "--clamp", "1", "0",
+                        "--out", str(tmp_path / "x"), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--clamp LO HI needs LO < HI" in r.stderr and "Traceback" not in r.stderr
+    lo, hi = -0.5, 0.75
+    r = subprocess.run([sys.executable, "-m", "fastkd", "synthesize", "--teacher", "fmnist", "--clamp", str(lo), str(hi),
+                        "--num-samples", "20", "--batch-size", "10", "--steps", "3", "--lr", "1", "0.1",
+                        "--out", str(tmp_path / "y"), "--quiet", "--no-grid"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from fastkd.synthesis import load_shards
+
+    ds = load_shards(str(tmp_path / "y"))
+    assert ds.inputs.shape == (20, 1, 32, 32)
+    assert float(ds.inputs.min()) >= lo and float(ds.inputs.max()) <= hi
+    assert ds.meta["clamp"] == [lo, hi]

@@ -66,6 +66,10 @@ def add_synthesis_args(p: argparse.ArgumentParser, defaults: dict | None = None)
                    help="how log(step size) goes from START to END across batches (%(default)s)")
     g.add_argument("--prior", choices=["normal", "uniform"], default="normal",
                    help="initial inputs: N(0, I) or U(-1, 1) (%(default)s)")
+    g.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"), default=d.get("clamp"),
+                   help="keep the inputs in [LO, HI] after every step: the normalised values of black and white "
+                        "for image teachers (fastkd.data.fmnist_info()['pixel_range'] for the bundled "
+                        "Fashion-MNIST; default: no clamp)")
     g.add_argument("--bn-prior-weight", type=float, default=0.0,
                    help="weight of the optional BatchNorm-statistics prior (teachers with BatchNorm; %(default)g)")
     g.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpp", "torch"],
@@ -73,9 +77,13 @@ def add_synthesis_args(p: argparse.ArgumentParser, defaults: dict | None = None)
 
 
 def synthesis_kwargs(a) -> dict:
+    if a.clamp and not (a.clamp[0] < a.clamp[1]):
+        print(f"fastkd: error: --clamp LO HI needs LO < HI, got {a.clamp[0]:g} {a.clamp[1]:g}", file=sys.stderr)
+        raise SystemExit(2)
     return dict(num_samples=a.num_samples, batch_size=a.batch_size, steps=a.steps, w_cls=a.w_cls,
                 w_contr=a.w_contr, w_tv=a.w_tv, lr=tuple(a.lr), schedule=a.schedule, prior=a.prior,
-                bn_prior_weight=a.bn_prior_weight, backend=a.backend)
+                bn_prior_weight=a.bn_prior_weight, backend=a.backend,
+                clamp=tuple(a.clamp) if a.clamp else None)
 
 
 def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
