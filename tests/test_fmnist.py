@@ -214,3 +214,31 @@ def test_synthesize_clamp_option(tmp_path):
     assert ds.inputs.shape == (20, 1, 32, 32)
     assert float(ds.inputs.min()) >= lo and float(ds.inputs.max()) <= hi
     assert ds.meta["clamp"] == [lo, hi]
+
+
+@needs_fmnist
+def test_fmnist_study_and_ablation_scripts_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = tmp_path / "study.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_study.py"), "--budget", "smoke", "--seeds", "0",
+           "--methods", "cake", "noise", "kd-real", "--threads", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["method"] for x in rows] == ["cake", "noise", "kd-real"]
+    assert all(0 <= x["accuracy"] <= 1 and x["budget"] == "smoke" for x in rows)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: nothing to redo
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and "skip cake" in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_study.py"), "--report", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "study.png").stat().st_size > 1000
+    assert "| cake | smoke | 1 |" in (tmp_path / "study.md").read_text()
+    abl = tmp_path / "abl.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_ablation.py"),
+                        json.dumps({"n": 20, "bs": 10, "steps": 1, "epochs": 1, "clamp": True}), "--out", str(abl)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(abl.read_text())["n"] == 20
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_ablation.py"), '{"bogus": 1}',
+                        "--out", str(abl)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "keys from" in r.stderr

@@ -1,0 +1,120 @@
+"""One CAKE/LAKE configuration on the Fashion-MNIST row, as one JSON line: the runs behind
+the ablation table of docs/cake.md ("Fashion-MNIST: what moves the student").
+
+Teacher: the bundled LeNet-5 (``fmnist``); student: LeNet-5-Half trained with
+:func:`fastkd.distill.train_student`; one seed per call. The configuration is a JSON object
+overriding the keys of ``BASE`` (n: samples, bs: batch, steps, lr: [first, last] step
+size, w_*: loss weights, clamp: keep inputs in the pixel range, langevin, epochs, augment,
+slr / sbs: student lr and batch, prior: "normal" or "smooth:K" (N(0, I) at KxK, upsampled),
+teacher: "fmnist" (LeNet-5) or "fmnist-bn"; bn: the BN-statistics prior's weight;
+jit / jflip: random roll by up to jit pixels / horizontal flip of the teacher's input at
+every synthesis step, loss / temp: the student's loss and temperature).
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmnist_ablation.py '{"clamp": true, "lr": [1, 0.01]}'
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastkd import data, distill, models
+from fastkd.synthesis import cake
+from fastkd.teachers import fmnist_teacher
+
+BASE = dict(n=5000, bs=100, steps=50, lr=[1e-1, 1e-5], w_cls=1e3, w_contr=1e1, w_tv=1e5, clamp=False,
+            langevin=False, epochs=30, augment="shift", slr=0.1, sbs=64, seed=0, schedule="loglinear",
+            prior="normal", student="lenet5_half", tag="", teacher="fmnist", bn=0.0)
+OUT = "benchmarks/results/fmnist/ablation.jsonl"
+
+
+class _Jitter(torch.nn.Module):
+    """The teacher behind a random roll / flip of its input (DeepInversion's jitter)."""
+
+    def __init__(self, t, shift, flip):
+        super().__init__()
+        self.t, self.shift, self.flip = t, shift, flip
+
+    def forward(self, x):
+        if self.shift:
+            dx, dy = torch.randint(-self.shift, self.shift + 1, (2,)).tolist()
+            x = torch.roll(x, (dx, dy), (2, 3))
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return self.t(x)
+
+
+def report(path: str = OUT) -> str:
+    """A markdown table of the rows in ``path``: what differs from BASE, accuracy, times."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = ["| change from BASE | samples x steps | seed | student acc (%) | teacher agreement (%) | synthesis s | student s |",
+           "|---|---|---|---|---|---|---|"]
+    skip = {"acc", "agree", "syn_s", "stu_s", "threads", "tag", "n", "steps", "seed", "xstd", "xmean", "pred_hist", "note"}
+    for r in rows:
+        diff = ", ".join([f"{k}={r[k]}" for k in r if k not in skip and k in BASE and r[k] != BASE[k]]
+                         + [f"{k}={r[k]}" for k in r if k not in skip and k not in BASE])
+        out.append(f"| {diff or '(BASE)'} | {r['n']} x {r['steps']} | {r['seed']} | {100 * r['acc']:.1f} | "
+                   f"{100 * r['agree']:.0f} | {r['syn_s']:.0f} | {r['stu_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default="{}", help="JSON object overriding BASE")
+    p.add_argument("--out", default=OUT, help="JSON lines, appended (default: %(default)s)")
+    p.add_argument("--report", action="store_true", help="only print the markdown table of --out")
+    a = p.parse_args()
+    if a.report:
+        print(report(a.out))
+        return 0
+    cfg = dict(BASE)
+    try:
+        over = json.loads(a.config)
+    except json.JSONDecodeError as e:
+        p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['jflip', 'jit', 'loss', 'temp']}, "
+                f"got {a.config!r}")
+    cfg.update(over)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    T, _ = fmnist_teacher(cfg["teacher"])
+    _, _, xt, yt = data.fmnist(32)
+    info = data.fmnist_info(32)
+    prior = cfg["prior"]
+    if prior.startswith("smooth"):
+        k = int(prior.split(":")[1])
+
+        def prior(shape, gen, k=k):
+            z = torch.randn((shape[0], shape[1], k, k), generator=gen)
+            return F.interpolate(z, size=shape[2:], mode="bilinear", align_corners=False)
+    syn_t = _Jitter(T, cfg.get("jit", 0), cfg.get("jflip", False)) if (cfg.get("jit") or cfg.get("jflip")) else T
+    t0 = time.time()
+    ds = cake(syn_t, num_classes=10, input_shape=(1, 32, 32), num_samples=cfg["n"], batch_size=cfg["bs"],
+              steps=cfg["steps"], w_cls=cfg["w_cls"], w_contr=cfg["w_contr"], w_tv=cfg["w_tv"], lr=tuple(cfg["lr"]),
+              schedule=cfg["schedule"], langevin=cfg["langevin"], clamp=info["pixel_range"] if cfg["clamp"] else None,
+              seed=cfg["seed"], progress=False, prior=prior,
+              bn_prior_weight=cfg["bn"])
+    syn_s = time.time() - t0
+    torch.manual_seed(cfg["seed"])
+    s = models.create(cfg["student"], num_classes=10, in_channels=1, input_size=32)
+    t0 = time.time()
+    h = distill.train_student(s, ds, teacher=T, epochs=cfg["epochs"], batch_size=cfg["sbs"], lr=cfg["slr"],
+                              augment=None if cfg["augment"] == "none" else cfg["augment"], eval_data=(xt, yt),
+                              eval_every=cfg["epochs"], seed=cfg["seed"], progress=False,
+                              loss=cfg.get("loss", "soft_ce"), temperature=cfg.get("temp", 1.0))
+    res = dict(cfg, acc=h.final_accuracy, agree=ds.teacher_agreement(), syn_s=syn_s, stu_s=time.time() - t0,
+               threads=torch.get_num_threads())
+    print(json.dumps(res))
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
