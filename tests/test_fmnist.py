@@ -242,3 +242,30 @@ def test_fmnist_study_and_ablation_scripts_run(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_ablation.py"), '{"bogus": 1}',
                         "--out", str(abl)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "keys from" in r.stderr
+
+
+@needs_fmnist
+def test_demo_fmnist_tadfkd_and_mekd_tiny(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--method", "tadfkd", "--data", "fmnist", "--quick",
+                        "--out", str(tmp_path / "td"), "--quiet"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "td" / "summary.json").read_text())
+    assert s["teacher"] == "fmnist-bn" and s["student"] == "lenet5_half" and s["teacher_test_acc"] > 0.9
+    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--method", "mekd", "--data", "fmnist", "--budget",
+                        "300", "--gan-steps", "2", "--epochs", "1", "--out", str(tmp_path / "md"), "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "md" / "summary.json").read_text())
+    assert s["config"]["student"] == "lenet5_half" and s["teacher_test_acc"] > 0.9
+    assert s["results"]["mekd"]["queries"]["queries_paid_total"] == 300
+    assert "/v2/models/fmnist" in s["teacher_url"]
+
+
+def test_mekd_save_grid_without_images_writes_nothing(tmp_path):
+    from fastkd.methods.mekd import save_grid
+
+    assert save_grid(torch.zeros(0, 1, 8, 8), str(tmp_path / "g.png")) is False
+    assert not (tmp_path / "g.png").exists()
+    assert save_grid(torch.zeros(3, 1, 8, 8), str(tmp_path / "g.png")) is True and (tmp_path / "g.png").exists()

@@ -46,7 +46,7 @@ from torch import nn
 METHOD = "mekd"
 
 __all__ = ["MEKDConfig", "Generator", "Discriminator", "deprivatize", "distill_student", "run_mekd",
-           "run_kd", "run_noise", "digits_teacher", "digits_edge", "shift_images", "teacher_scores", "image_matching",
+           "run_kd", "run_noise", "digits_teacher", "digits_edge", "fmnist_edge", "shift_images", "teacher_scores", "image_matching",
            "cli_distill", "cli_demo"]
 
 
@@ -453,6 +453,11 @@ def digits_edge(*, shift: str = "none", size: int | None = None, seed: int = 0, 
     if size is None:  # the bundled teacher's input size
         size = int(digits_teacher()[1]["input_shape"][-1])
     x_tr, _, x_te, y_te = data.digits(size)
+    return _edge_from(x_tr, (x_te, y_te), shift=shift, seed=seed, fraction=fraction)
+
+
+def _edge_from(x_tr, test, *, shift: str, seed: int, fraction: float):
+    """Keep ``fraction`` of the training images (seeded) and apply the shift."""
     if fraction < 1.0:
         g = torch.Generator().manual_seed(1000 + seed)
         x_tr = x_tr[torch.randperm(x_tr.shape[0], generator=g)[:max(1, int(round(fraction * x_tr.shape[0])))]]
@@ -461,16 +466,32 @@ def digits_edge(*, shift: str = "none", size: int | None = None, seed: int = 0, 
     rot = 30.0 if "rotate" in shift else 0.0
     noise = 0.5 if "noise" in shift else 0.0
     edge = shift_images(x_tr, rotate=rot, noise=noise, seed=seed) if shift != "none" else x_tr
-    return edge, (x_te, y_te)
+    return edge, test
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None = None) -> None:
+def fmnist_edge(*, shift: str = "none", size: int = 32, seed: int = 0, fraction: float = 1.0):
+    """:func:`digits_edge` for Fashion-MNIST: the unlabelled training images (60,000; ``fraction``
+    keeps a part) as edge data and the test split, at ``size`` (32: the paper's fmnist-32)."""
+    from fastkd import data
+
+    x_tr, _, x_te, y_te = data.fmnist(size)
+    return _edge_from(x_tr, (x_te, y_te), shift=shift, seed=seed, fraction=fraction)
+
+
+def _edge_data(name: str, **kw):
+    return fmnist_edge(**kw) if name == "fmnist" else digits_edge(**kw)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None = None) -> bool:
+    """PNG grid of up to nrow x nrow images; returns False (and writes nothing) when there are none."""
+    imgs = images[: nrow * nrow].detach().cpu()
+    n = imgs.shape[0]
+    if n == 0:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    imgs = images[: nrow * nrow].detach().cpu()
-    n = imgs.shape[0]
     rows = math.ceil(n / nrow)
     fig, axes = plt.subplots(rows, nrow, figsize=(nrow * 0.9, rows * 0.9 + (0.4 if title else 0)))
     for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
@@ -482,6 +503,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -539,7 +561,8 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
     meta = probe.metadata()
     probe.close()
     size = int(meta["inputs"][0]["shape"][-1])
-    edge, test = digits_edge(shift=args.shift, seed=args.seed, fraction=args.edge_fraction, size=size)
+    edge, test = _edge_data(getattr(args, "data", "digits"), shift=args.shift, seed=args.seed,
+                            fraction=args.edge_fraction, size=size)
     os.makedirs(args.out, exist_ok=True)
     cfg = _cfg(args)
     rows, results = [], {}
@@ -560,9 +583,9 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
         rows.append((name, res["test_acc"], st["queries_paid_total"], st["bytes_sent"], st["bytes_received"],
                      res["seconds"]))
         torch.save(res["student"].state_dict(), os.path.join(args.out, f"student_{name}.pt"))
-    if "generator" in results.get("mekd", {}):
-        save_grid(results["mekd"]["samples"], os.path.join(args.out, "samples.png"),
-                  title=f"MEKD generator samples ({args.response} responses, shift={args.shift})")
+    wrote_grid = "generator" in results.get("mekd", {}) and save_grid(
+        results["mekd"]["samples"], os.path.join(args.out, "samples.png"),
+        title=f"MEKD generator samples ({args.response} responses, shift={args.shift})")
     summary = {"teacher_url": url, "response": args.response, "budget": args.budget, "shift": args.shift,
                "seed": args.seed, "config": asdict(cfg),
                "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("student", "generator", "samples")}
@@ -574,7 +597,7 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
         print(f"{name:<6} {100 * acc:>8.2f}% {q:>8d} {bs / 1e6:>8.2f} {br / 1e6:>8.2f} {sec:>7.0f}")
     print(f"budget {args.budget}, response {args.response}, shift {args.shift}, seed {args.seed}; "
           f"summary: {os.path.join(args.out, 'summary.json')}"
-          + (f", samples: {os.path.join(args.out, 'samples.png')}" if "mekd" in results else ""))
+          + (f", samples: {os.path.join(args.out, 'samples.png')}" if wrote_grid else ""))
     return summary
 
 
@@ -603,17 +626,34 @@ def cli_demo(argv) -> int:
     p.set_defaults(baseline=True)
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-KD baseline")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--data", choices=["digits", "fmnist"], default="digits",
+                   help="digits (bundled) or fmnist: the bundled Fashion-MNIST LeNet-5 behind the server, the "
+                        "unlabelled 32x32 training images as edge data, student lenet5_half (needs apt-get "
+                        "install dataset-fashion-mnist)")
     args = p.parse_args(argv)
     from fastkd.distill import evaluate
     from fastkd.serve import ServerThread, create_app
 
-    model, info = digits_teacher()
-    _, test = digits_edge(seed=args.seed, size=int(info["input_shape"][-1]))
+    if args.data == "fmnist":
+        from fastkd import data as _data
+        from fastkd.teachers import fmnist_teacher
+
+        try:
+            _data.fmnist_info(32)
+        except FileNotFoundError as e:
+            p.error(str(e))
+        model, info = fmnist_teacher("fmnist")
+        if args.student == MEKDConfig().student:
+            args.student = "lenet5_half"
+    else:
+        model, info = digits_teacher()
+    name = args.data
+    _, test = _edge_data(args.data, seed=args.seed, size=int(info["input_shape"][-1]))
     acc_t = evaluate(model, test)
-    app = create_app(model, input_shape=info["input_shape"], num_classes=info["num_classes"], name="digits",
+    app = create_app(model, input_shape=tuple(info["input_shape"]), num_classes=info["num_classes"], name=name,
                      response=args.response)
     with ServerThread(app, port=args.port or None) as srv:
-        url = f"{srv.url}/v2/models/digits"
+        url = f"{srv.url}/v2/models/{name}"
         _log(f"[mekd] teacher ({100 * acc_t:.2f}% on the test split) served at {url} ({args.response} responses)")
         summary = _run(args, url, None, url)
         summary["teacher_test_acc"] = acc_t

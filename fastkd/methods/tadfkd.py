@@ -401,8 +401,9 @@ def cli_distill(argv) -> int:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-shape", default="1,16,16", help="C,H,W of the teacher's inputs (default: %(default)s)")
     p.add_argument("--student", default="cnn_half", help="student model name (default: %(default)s)")
-    p.add_argument("--eval", default="digits", choices=["digits", "none"],
-                   help="evaluate on the digits test split (only meaningful for digits teachers)")
+    p.add_argument("--eval", default="digits", choices=["digits", "fmnist", "none"],
+                   help="evaluate on the digits or the Fashion-MNIST (32x32) test split (only meaningful for "
+                        "teachers of that data set)")
     p.add_argument("--out", default="runs/tadfkd", help="output folder (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache", default=_default_cache(), help="where digits teachers are cached")
@@ -429,8 +430,14 @@ def cli_distill(argv) -> int:
         teacher, _info = load_teacher(args.teacher, model=args.teacher_model, num_classes=args.num_classes,
                                       in_channels=shape[0])
     eval_data = None
-    if args.eval == "digits":
-        _, _, x_te, y_te = data.digits(shape[1])
+    if args.eval in ("digits", "fmnist"):
+        if args.eval == "digits":
+            _, _, x_te, y_te = data.digits(shape[1])
+        else:
+            try:
+                _, _, x_te, y_te = data.fmnist(shape[1])
+            except FileNotFoundError as e:
+                p.error(str(e))
         eval_data = (x_te, y_te)
         if teacher_acc is None:
             teacher_acc = evaluate(teacher, eval_data)
@@ -460,6 +467,10 @@ def cli_demo(argv) -> int:
                                             "loads) a BatchNorm CNN teacher, distills cnn_half without data, "
                                             "writes a sample grid PNG and a JSON summary.")
     p.add_argument("--method", default=METHOD)
+    p.add_argument("--data", choices=["digits", "fmnist"], default="digits",
+                   help="digits (a digits teacher trained or loaded from the cache) or fmnist (the bundled "
+                        "Fashion-MNIST BatchNorm teacher, 32x32, student lenet5_half; needs apt-get install "
+                        "dataset-fashion-mnist)")
     p.add_argument("--teacher-arch", default="cnn_bn", help="cnn_bn, cnn_deep or resnet8 (default: %(default)s)")
     p.add_argument("--size", type=int, default=8,
                    help="digits image side (default: %(default)s, the native resolution: minutes on a CPU)")
@@ -471,6 +482,11 @@ def cli_demo(argv) -> int:
     args, rest = p.parse_known_args(argv)
     iters = 3 if args.quick else args.iterations
     extra = ["--student-steps", "2", "--eval-every", "0", "--teacher-epochs", "1"] if args.quick else []
+    if args.data == "fmnist":
+        return cli_distill(["--teacher", "fmnist-bn", "--eval", "fmnist", "--student", "lenet5_half",
+                            "--out", args.out, "--image-shape", "1,32,32", "--batch-size",
+                            str(16 if args.quick else args.batch_size), "--iterations", str(iters),
+                            "--seed", str(args.seed)] + extra[:4] + rest)
     return cli_distill(["--teacher", f"digits:{args.teacher_arch}", "--out", args.out,
                         "--image-shape", f"1,{args.size},{args.size}", "--batch-size",
                         str(16 if args.quick else args.batch_size),
