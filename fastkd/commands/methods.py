@@ -54,7 +54,7 @@ def _dispatch(kind: str, args) -> int:
 
 def register(sub) -> None:
     for kind, help_ in (("distill", "distill a student from a teacher (run with --method M --help)"),
-                        ("demo", "run a method end to end on the bundled digits default")):
+                        ("demo", "run a method end to end on a bundled default (digits, or --data fmnist)")):
         # Every argument (options included) passes through to the method's own parser;
         # prefix_chars without "-" keeps argparse from claiming them here.
         s = sub.add_parser(kind, help=help_, add_help=False, prefix_chars="\x00",
