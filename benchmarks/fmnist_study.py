@@ -199,7 +199,7 @@ def report(path: str, md: str, png: str) -> None:
     ax.axhline(PAPER["cake"], ls="--", c="gray", lw=1)
     ax.text(ax.get_xlim()[0], PAPER["cake"] + 0.5, "paper: CAKE 76.5", fontsize=7, color="gray")
     ax.set_xscale("log")
-    ax.set_xlabel("wall time, synthesis + student (s, 2-core CPU)")
+    ax.set_xlabel("wall time, synthesis + student (s, one thread per run on a 2-core CPU)")
     ax.set_ylabel("LeNet-5-Half test accuracy (%)")
     ax.set_title("Fashion-MNIST, LeNet-5 teacher: accuracy against wall time", fontsize=9)
     ax.legend(fontsize=6, loc="lower right")

@@ -269,3 +269,20 @@ def test_mekd_save_grid_without_images_writes_nothing(tmp_path):
     assert save_grid(torch.zeros(0, 1, 8, 8), str(tmp_path / "g.png")) is False
     assert not (tmp_path / "g.png").exists()
     assert save_grid(torch.zeros(3, 1, 8, 8), str(tmp_path / "g.png")) is True and (tmp_path / "g.png").exists()
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_train_fmnist_teacher_is_reproducible_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
+    from fastkd import teachers
+
+    arch, kw, recipe, fn = teachers.FMNIST_TEACHERS["fmnist"]
+    monkeypatch.setitem(teachers.FMNIST_TEACHERS, "fmnist", (arch, kw, dict(recipe, epochs=1), fn))
+    torch.set_num_threads(1)
+    m1, h1 = teachers.train_fmnist_teacher("fmnist", path=str(tmp_path / "t.pt"), progress=False)
+    m2, h2 = teachers.train_fmnist_teacher("fmnist", progress=False)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert h1.final_accuracy == h2.final_accuracy > 0.75  # one epoch of the recipe
+    t, info = load_teacher(str(tmp_path / "t.pt"))
+    assert info["test_accuracy"] == h1.final_accuracy and info["input_shape"] == [1, 32, 32]
