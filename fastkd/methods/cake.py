@@ -92,7 +92,7 @@ def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", required=required, metavar="PATH",
                    help="TorchScript file, fastkd teacher checkpoint, or state_dict (then give --teacher-model); "
-                        "'digits' is the bundled digits teacher")
+                        "'digits', 'fmnist' and 'fmnist-bn' are the bundled teachers")
     g.add_argument("--teacher-model", choices=models.names(), metavar="NAME",
                    help=f"model of a state_dict teacher: {', '.join(models.names())}")
     g.add_argument("--num-classes", type=int, help="teacher output width (read from fastkd checkpoints)")
