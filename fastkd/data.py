@@ -69,9 +69,9 @@ def _digits_cached(size: int, test_fraction: float, seed: int):
     return x[tr].contiguous(), y[tr].contiguous(), x[te].contiguous(), y[te].contiguous(), float(mean), float(std)
 
 
-def _check_size(size) -> None:
+def _check_size(size, op: str = "digits", what: str = "the image side after upsampling") -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"digits: size must be an int >= 8 (the image side after upsampling), got {size!r}")
+        raise ValueError(f"{op}: size must be an int >= 8 ({what}), got {size!r}")
 
 
 def digits(size: int = DEFAULT_SIZE, *, test_fraction: float = DIGITS_TEST_FRACTION,
@@ -190,9 +190,7 @@ def _fmnist_cached(root: str | None, size: int):
 
 
 def _check_fmnist_size(size) -> None:
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"fmnist: size must be an int >= 8 (32: the paper's zero-padded fmnist-32, 28: "
-                         f"the original), got {size!r}")
+    _check_size(size, "fmnist", "32: the paper's zero-padded fmnist-32, 28: the original")
 
 
 def fmnist(size: int = 32, *, root: str | None = None):
