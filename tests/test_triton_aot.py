@@ -128,3 +128,133 @@ def test_tool_compiles_every_kernel_for_one_target():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("ok ", "FAIL "))]
     assert lines and all(ln.startswith("ok ") for ln in lines)
     assert "0 failed" in r.stdout
+
+
+# --------------------------------------------------------------------------- launch arguments
+def test_a_python_float_compiles_to_an_fp32_parameter():
+    # Why no float64 kernel may take a Python float: compiled, the parameter is fp32 (the
+    # interpreter keeps a double), so a float64 result is ~1e-7 relatively off on a GPU.
+    import torch
+    import triton.language as tl
+
+    @triton.jit
+    def _scale(x_ptr, s):
+        tl.store(x_ptr, tl.load(x_ptr) * s)
+
+    with aot.target_driver("cuda:90"):
+        kernel = _scale.warmup(aot._Ptr(torch.float64, True), 0.1, grid=(1,))
+    assert kernel.src.signature == {"x_ptr": "*fp64", "s": "fp32"}
+
+
+def _computes_in_float64(ln) -> bool:
+    import torch
+    import triton.language as tl
+
+    acc = ln.params.get("ACC")
+    if acc is not None:
+        return acc[1] == tl.float64
+    return any(d[0] == "ptr" and d[1] == torch.float64 for d in ln.params.values())
+
+
+# Kernels whose arithmetic is float32 by design whatever the input dtype (documented in
+# their module): a float parameter is exact enough there.
+FLOAT32_KERNELS = {("fastkd.ops._triton.gmm", "_gmm_kernel")}
+
+
+def test_no_float64_kernel_takes_a_python_float():
+    fresh, offset, errors = aot.record()
+    assert errors == []
+    checked, bad = 0, set()
+    for ln in fresh + offset:
+        if (ln.module, ln.kernel) in FLOAT32_KERNELS or not _computes_in_float64(ln):
+            continue
+        checked += 1
+        bad.update(f"{ln.kernel}({name})" for name, d in ln.params.items()
+                   if d[0] == "float" and name not in ln.constexprs)
+    assert checked > 0
+    assert sorted(bad) == []
+
+
+def test_float64_kernels_are_listed():
+    # every launch kernel with an ACC parameter or float64 buffers is checked above
+    fresh, _, _ = aot.record()
+    f64 = {ln.kernel for ln in fresh if _computes_in_float64(ln)}
+    assert {"_tv_fwd_kernel", "_image_distance_kernel", "_grad_rows", "_step_kernel", "_step_tv_kernel",
+            "_sqdist_kernel", "_bn_partial_kernel"} <= f64
+
+
+def test_float64_bits_round_trip_through_a_compiled_kernel_signature():
+    # the bit-pattern arguments compile to integer parameters, never fp32
+    import struct
+
+    from fastkd.ops._triton._launch import f64_bits
+
+    for v in (0.1, -2.5, 0.0, -0.0, 1e-300, float("inf")):
+        b = f64_bits(v)
+        assert -2**63 <= b < 2**63
+        assert struct.unpack("<d", struct.pack("<q", b))[0] == v or (v != v)
+    (ln,) = _launches(_langevin_call(7, True))
+    assert all(ln.params[n][0] == "int" for n in ("lr_b", "sd_b", "lo_b", "hi_b", "tvw_b", "terms"))
+
+
+# --------------------------------------------------------------------------- launch device
+class _DeviceRecorder:
+    """Stands in for ``on_device`` in every Triton module: remembers which tensor's device
+    is current while a kernel launches."""
+
+    def __init__(self):
+        self.current = None
+
+    def __call__(self, t):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            saved, self.current = self.current, t.device
+            try:
+                yield
+            finally:
+                self.current = saved
+        return ctx()
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    rec = _DeviceRecorder()
+    modules = {m for m, _ in aot.jit_functions()}
+    for m in modules:
+        mod = importlib.import_module(m)
+        if hasattr(mod, "on_device"):
+            monkeypatch.setattr(mod, "on_device", rec)
+    seen = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        tensors = [a for a in list(args) + list(kwargs.values()) if hasattr(a, "data_ptr")]
+        seen.append((self.fn.__name__, rec.current, {t.device for t in tensors}))
+
+    monkeypatch.setattr(JITFunction, "run", run)
+    t = aot._make_input(False)
+    for fn in aot.CALLS.values():
+        fn(t, False)
+    assert {name for name, _, _ in seen} >= {"_tv_fwd_kernel", "_gmm_kernel", "_step_tv_kernel", "_grad_rows",
+                                             "_backproject_kernel", "_bn_bwd_kernel"}
+    outside = sorted({name for name, cur, devs in seen if cur is None or devs != {cur}})
+    assert outside == []
+
+
+def test_on_device_selects_the_tensors_cuda_device():
+    import contextlib
+
+    import torch
+
+    from fastkd.ops._triton._launch import on_device
+
+    class _OnCuda1:
+        device = torch.device("cuda", 1)
+
+    ctx = on_device(_OnCuda1())
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)

@@ -1,6 +1,6 @@
 """BatchNorm-statistics loss in Triton (see fastkd.ops.bn_stats).
 
-Forward: grid (C, chunks); each program reduces a chunk of one channel's N*S elements to
+Forward: one program per (channel, chunk); each reduces a chunk of one channel's N*S elements to
 shifted sums (x - K_c) and (x - K_c)^2 with K_c = x[0, c, 0] (limits cancellation); the
 (C, chunks) partials are folded into mean, variance and the two norms. Backward: one
 elementwise pass, grad = a_c + b_c * (x - mu_c).
@@ -12,13 +12,15 @@ import triton
 import triton.language as tl
 
 from .._common import compute_dtype, wrap_triton
+from ._launch import grid_1d, on_device
 from ..bn_stats import _make_backward, _setup_context
 
 
 @triton.jit
 def _bn_partial_kernel(x_ptr, part_ptr, C, S, M, nchunk, ITERS, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
+    pid = tl.program_id(0)
+    c = (pid // nchunk).to(tl.int64)
+    k = pid % nchunk
     shift = tl.load(x_ptr + c * S).to(ACC)
     s1 = tl.zeros([BLOCK], ACC)
     s2 = tl.zeros([BLOCK], ACC)
@@ -53,6 +55,16 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_BLOCK = 1024
+
+
+def bn_partial_grid(C: int, M: int) -> tuple[int, int, tuple[int]]:
+    """(blocks per program, chunks per channel, launch grid) of the forward kernel."""
+    iters = max(1, min(16, triton.cdiv(M, _BLOCK * 8)))
+    nchunk = triton.cdiv(M, _BLOCK * iters)
+    return iters, nchunk, grid_1d(C * nchunk, "bn_stats_loss")
+
+
 @torch.library.triton_op("fastkd_triton::bn_stats_fwd", mutates_args={})
 def bn_stats_fwd(x: torch.Tensor, running_mean: torch.Tensor,
                  running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,12 +73,11 @@ def bn_stats_fwd(x: torch.Tensor, running_mean: torch.Tensor,
     S = x.numel() // (N * C)
     M = N * S
     cd = compute_dtype(x.dtype)
-    BLOCK = 1024
-    ITERS = max(1, min(16, triton.cdiv(M, BLOCK * 8)))
-    nchunk = triton.cdiv(M, BLOCK * ITERS)
+    ITERS, nchunk, grid = bn_partial_grid(C, M)
     part = torch.empty((C, nchunk, 2), dtype=cd, device=x.device)
-    wrap_triton(_bn_partial_kernel)[(C, nchunk)](
-        x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=BLOCK)
+    with on_device(x):
+        wrap_triton(_bn_partial_kernel)[grid](
+            x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=_BLOCK)
     sums = part.sum(1)
     shift = x.view(N, C, S)[0, :, 0].to(cd)
     d1 = sums[:, 0] / M
@@ -90,10 +101,10 @@ def bn_stats_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
     a = torch.where(norms[0] > 0, g * (mean - running_mean.to(cd)) / (safe[0] * M), torch.zeros_like(mean))
     b = torch.where(norms[1] > 0, 2 * g * (var - running_var.to(cd)) / (safe[1] * M), torch.zeros_like(var))
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    BLOCK = 1024
     total = x.numel()
-    wrap_triton(_bn_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
-        x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=BLOCK)
+    with on_device(x):
+        wrap_triton(_bn_bwd_kernel)[grid_1d(triton.cdiv(total, _BLOCK), "bn_stats_loss")](
+            x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=_BLOCK)
     return gx
 
 

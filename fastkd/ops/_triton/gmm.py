@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
+
 _LOG2PI = math.log(2.0 * math.pi)
 _EPS = 10 * float(torch.finfo(torch.float64).eps)
 
@@ -112,8 +114,9 @@ def gmm_fit_triton(scores: torch.Tensor, valid: torch.Tensor, max_iter: int, tol
     prob = torch.empty(N, dtype=torch.float32, device=scores.device)
     par = torch.empty(9, dtype=torch.float32, device=scores.device)
     nw = 4 if BLOCK <= 2048 else (8 if BLOCK <= 8192 else 16)
-    _gmm_kernel[(1,)](x, v, prob, par, N, max_iter, tol, reg_covar, kmeans_iter,
-                      LOG2PI=_LOG2PI, EPS=_EPS, BLOCK=BLOCK, num_warps=nw)
+    with on_device(x):
+        _gmm_kernel[(1,)](x, v, prob, par, N, max_iter, tol, reg_covar, kmeans_iter,
+                          LOG2PI=_LOG2PI, EPS=_EPS, BLOCK=BLOCK, num_warps=nw)
     p64 = par.to(torch.float64)
     return GMMFit(prob.to(torch.float64), p64[0:2], p64[2:4], p64[4:6], par[6].to(torch.int64),
                   par[7] > 0.5, par[8] > 0.5)

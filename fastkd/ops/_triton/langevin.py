@@ -5,6 +5,9 @@ other backends. Without the TV prior each program owns BLOCK_J Philox blocks (4*
 consecutive elements). With it each program walks one (sample, channel) plane in tiles
 of rows; the old values of the row above a tile are carried from the previous tile and
 a barrier separates the tile's reads from its writes, so updating in place is safe.
+
+The float arguments (lr, noise_std, the clamp bounds, the TV weight) arrive as float64 bit
+patterns (see ._launch) so that a float64 step is exact.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import wrap_triton
+from .._common import compute_dtype, wrap_triton
+from ._launch import f64_bits, from_bits, grid_1d, on_device
 
 
 @triton.jit
@@ -73,13 +77,20 @@ def _update(x_ptr, g_ptr, e, m, per, lr_ptr, lr, sd_ptr, sd, lo, hi, z,
     tl.store(x_ptr + e, v.to(x_ptr.dtype.element_ty), mask=m)
 
 
-# k0, k1 (the seed's 32-bit halves) are data, not sizes: never specialised, so a half equal
-# to 1 stays a runtime integer (specialised, it would be a compile-time Python int, which
-# _philox cannot convert with .to()).
-@triton.jit(do_not_specialize=["k0", "k1"])
-def _step_kernel(x_ptr, g_ptr, numel, per, lr_ptr, lr, sd_ptr, sd, lo, hi, k0, k1,
+# k0, k1 (the seed's 32-bit halves) and the float bit patterns are data, not sizes: never
+# specialised, so a value equal to 1 stays a runtime integer (specialised, it would be a
+# compile-time Python int, which cannot be converted with .to()).
+_DATA = ["lr_b", "sd_b", "lo_b", "hi_b", "k0", "k1"]
+
+
+@triton.jit(do_not_specialize=_DATA)
+def _step_kernel(x_ptr, g_ptr, numel, per, lr_ptr, lr_b, sd_ptr, sd_b, lo_b, hi_b, k0, k1,
                  LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_J: tl.constexpr):
+    lr = from_bits(lr_b, ACC)
+    sd = from_bits(sd_b, ACC)
+    lo = from_bits(lo_b, ACC)
+    hi = from_bits(hi_b, ACC)
     j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     if NOISE:
         c0 = (j & 0xFFFFFFFF).to(tl.uint32)
@@ -110,10 +121,17 @@ def _tvg(d, P: tl.constexpr):
         return 2.0 * d
 
 
-@triton.jit(do_not_specialize=["k0", "k1"])
-def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr, sd_ptr, sd, lo, hi, tvs, k0, k1,
+# The TV prior's gradient is tv_weight * (sum of sign / 2 d terms) / terms: tvw_b holds
+# tv_weight's bits, terms the number of difference terms of the batch.
+@triton.jit(do_not_specialize=_DATA + ["tvw_b", "terms"])
+def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr_b, sd_ptr, sd_b, lo_b, hi_b, tvw_b, terms, k0, k1,
                     LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
                     P: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+    lr = from_bits(lr_b, ACC)
+    sd = from_bits(sd_b, ACC)
+    lo = from_bits(lo_b, ACC)
+    hi = from_bits(hi_b, ACC)
+    tvs = from_bits(tvw_b, ACC) / terms.to(tl.int64).to(ACC)
     plane = tl.program_id(0).to(tl.int64)
     n = plane // C
     base = plane * H * W
@@ -175,24 +193,29 @@ def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr_t: torch.Tensor | Non
     N = x.shape[0]
     per = x.numel() // N
     noise = std_t is not None or noise_std != 0.0
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    lr_buf = lr_t.to(torch.float32).contiguous() if lr_t is not None else x
-    sd_buf = std_t.to(torch.float32).contiguous() if std_t is not None else x
+    cd = compute_dtype(x.dtype)
+    acc = tl.float64 if cd == torch.float64 else tl.float32
+    # per-sample rates in the accumulation dtype, as the reference applies them
+    lr_buf = lr_t.to(cd).contiguous() if lr_t is not None else x
+    sd_buf = std_t.to(cd).contiguous() if std_t is not None else x
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    lo = lo if do_clamp else 0.0
-    hi = hi if do_clamp else 0.0
+    lr_b, sd_b = f64_bits(lr), f64_bits(noise_std)
+    lo_b, hi_b = (f64_bits(lo), f64_bits(hi)) if do_clamp else (0, 0)
     wt = wrap_triton
     if tv_weight == 0.0:
         BJ = 256
-        grid = (triton.cdiv(triton.cdiv(x.numel(), 4), BJ),)
-        wt(_step_kernel)[grid](x, grad, x.numel(), per, lr_buf, lr, sd_buf, noise_std, lo, hi, k0, k1,
-                               LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise, CLAMP=do_clamp,
-                               ACC=acc, BLOCK_J=BJ)
+        grid = grid_1d(triton.cdiv(triton.cdiv(x.numel(), 4), BJ), "langevin_step_")
+        with on_device(x):
+            wt(_step_kernel)[grid](x, grad, x.numel(), per, lr_buf, lr_b, sd_buf, sd_b, lo_b, hi_b, k0, k1,
+                                   LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise, CLAMP=do_clamp,
+                                   ACC=acc, BLOCK_J=BJ)
         return
     _, C, H, W = x.shape
     terms = N * C * ((H - 1) * W + H * (W - 1))
     BW = triton.next_power_of_2(W)
     R = max(1, min(triton.next_power_of_2(H), 2048 // BW))
-    wt(_step_tv_kernel)[(N * C,)](x, grad, C, H, W, lr_buf, lr, sd_buf, noise_std, lo, hi, tv_weight / terms,
-                                  k0, k1, LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise,
-                                  CLAMP=do_clamp, P=tv_p, ACC=acc, R=R, BW=BW)
+    with on_device(x):
+        wt(_step_tv_kernel)[grid_1d(N * C, "langevin_step_")](
+            x, grad, C, H, W, lr_buf, lr_b, sd_buf, sd_b, lo_b, hi_b, f64_bits(tv_weight), terms, k0, k1,
+            LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise, CLAMP=do_clamp, P=tv_p, ACC=acc,
+            R=R, BW=BW)

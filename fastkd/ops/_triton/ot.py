@@ -1,5 +1,7 @@
-"""Triton kernels of fastkd.ops.ot: the distance matrix as one GEMM with the norms fused in,
-and sliced projections whose random directions are generated inside the kernel."""
+"""Triton kernels of fastkd.ops.ot: the distance matrix as one GEMM with the norms fused in
+(entries that cancel recomputed from the differences in the same kernel), and sliced
+projections whose random directions are generated inside the kernel. Every kernel takes a
+one-dimensional grid of tiles."""
 from __future__ import annotations
 
 import torch
@@ -7,16 +9,21 @@ import triton
 import triton.language as tl
 
 from .._common import wrap_triton
-from ..ot import _fix_cancelled, _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup
+from ..ot import _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup, _tau
+from ._launch import grid_1d, on_device
 
 
 @triton.jit
-def _sqdist_kernel(a_ptr, b_ptr, mu_ptr, out_ptr, sum_ptr, N, M, D,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+def _sqdist_kernel(a_ptr, b_ptr, mu_ptr, out_ptr, N, M, D, nm,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                   RTAU: tl.constexpr, BK2: tl.constexpr):
     # One (BM, BN) tile of ||a_i - mu||^2 + ||b_j - mu||^2 - 2 (a_i - mu).(b_j - mu): the row
-    # norms are accumulated from the same tiles the product reads (no extra pass).
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # norms are accumulated from the same tiles the product reads (no extra pass). Entries
+    # with d <= tau * s (s the sum of the norms: the GEMM form has cancelled) are recomputed
+    # from the differences in float64, as fastkd.ops.ot's other backends do (RTAU = 1 / tau).
+    pid = tl.program_id(0)
+    pid_m = pid % nm
+    pid_n = pid // nm
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -39,9 +46,30 @@ def _sqdist_kernel(a_ptr, b_ptr, mu_ptr, out_ptr, sum_ptr, N, M, D,
     s = na[:, None] + nb[None, :]
     d = s - 2.0 * acc
     om = (rm[:, None] < N) & (rn[None, :] < M)
+    bad = om & (d * RTAU <= s)
+    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
+        exact = tl.zeros((BM, BN), dtype=tl.float64)
+        for k0 in range(0, D, BK2):
+            kk = k0 + tl.arange(0, BK2)
+            mk = kk < D
+            x = tl.load(a_ptr + rm[:, None].to(tl.int64) * D + kk[None, :],
+                        mask=(rm[:, None] < N) & mk[None, :], other=0.0).to(tl.float64)
+            y = tl.load(b_ptr + rn[:, None].to(tl.int64) * D + kk[None, :],
+                        mask=(rn[:, None] < M) & mk[None, :], other=0.0).to(tl.float64)
+            diff = x[:, None, :] - y[None, :, :]
+            exact += tl.sum(diff * diff, axis=2)
+        d = tl.where(bad, exact.to(ACC), d)
     off = rm[:, None].to(tl.int64) * M + rn[None, :]
     tl.store(out_ptr + off, d, mask=om)
-    tl.store(sum_ptr + off, s, mask=om)
+
+
+_SQ_BM, _SQ_BN = 32, 32
+
+
+def sqdist_grid(N: int, M: int) -> tuple[int, tuple[int]]:
+    """(row tiles, launch grid) of the distance kernel."""
+    nm = triton.cdiv(N, _SQ_BM)
+    return nm, grid_1d(nm * triton.cdiv(M, _SQ_BN), "pairwise_sqdist")
 
 
 @torch.library.triton_op("fastkd_triton::pairwise_sqdist_fwd", mutates_args={})
@@ -53,12 +81,12 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     M = b2.shape[0]
     mu = (a2.sum(0) + b2.sum(0)) / (N + M)
     d = torch.empty((N, M), dtype=ct, device=a.device)
-    s = torch.empty((N, M), dtype=ct, device=a.device)
-    BM, BN, BK = 32, 32, 32
-    wrap_triton(_sqdist_kernel)[(triton.cdiv(N, BM), triton.cdiv(M, BN))](
-        a2, b2, mu, d, s, N, M, D, BM=BM, BN=BN, BK=BK,
-        ACC=tl.float64 if ct == torch.float64 else tl.float32)
-    d = _fix_cancelled(a2, b2, d, s)
+    nm, grid = sqdist_grid(N, M)
+    if grid[0]:
+        with on_device(a):
+            wrap_triton(_sqdist_kernel)[grid](
+                a2, b2, mu, d, N, M, D, nm, BM=_SQ_BM, BN=_SQ_BN, BK=32,
+                ACC=tl.float64 if ct == torch.float64 else tl.float32, RTAU=1.0 / _tau(ct), BK2=4)
     return d.clamp_min(0.0).to(a.dtype)
 
 
@@ -94,10 +122,11 @@ def _dir_keys(seed, l):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L,
+def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L, nm,
                     BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_l = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid % nm
+    pid_l = pid // nm
     rm = pid_m * BM + tl.arange(0, BM)
     rl = pid_l * BL + tl.arange(0, BL)
     key = _dir_keys(seed, rl)
@@ -119,10 +148,11 @@ def _project_kernel(x_ptr, out_ptr, sq_ptr, seed, N, D, L,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _backproject_kernel(g_ptr, inv_ptr, out_ptr, seed, N, D, L,
+def _backproject_kernel(g_ptr, inv_ptr, out_ptr, seed, N, D, L, nm,
                         BM: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid % nm
+    pid_k = pid // nm
     rm = pid_m * BM + tl.arange(0, BM)
     kk = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=ACC)
@@ -142,6 +172,18 @@ def _backproject_kernel(g_ptr, inv_ptr, out_ptr, seed, N, D, L,
 _BM, _BL, _BK = 16, 16, 64
 
 
+def project_grid(N: int, L: int) -> tuple[int, tuple[int]]:
+    """(row tiles, launch grid) of the projection kernel: (N / BM) x (L / BL) tiles."""
+    nm = triton.cdiv(N, _BM)
+    return nm, grid_1d(nm * triton.cdiv(L, _BL), "sliced projections")
+
+
+def backproject_grid(N: int, D: int) -> tuple[int, tuple[int]]:
+    """(row tiles, launch grid) of the back-projection kernel: (N / BM) x (D / BK) tiles."""
+    nm = triton.cdiv(N, _BM)
+    return nm, grid_1d(nm * triton.cdiv(D, _BK), "sliced projections")
+
+
 @torch.library.triton_op("fastkd_triton::sliced_project", mutates_args={})
 def sliced_project(x: torch.Tensor, n_projections: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -150,9 +192,12 @@ def sliced_project(x: torch.Tensor, n_projections: int, seed: int) -> tuple[torc
     L = n_projections
     out = torch.empty((N, L), dtype=ct, device=x.device)
     sq = torch.empty((L,), dtype=torch.float32, device=x.device)
-    wrap_triton(_project_kernel)[(triton.cdiv(N, _BM), triton.cdiv(L, _BL))](
-        x2, out, sq, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
-        ACC=tl.float64 if ct == torch.float64 else tl.float32)
+    nm, grid = project_grid(N, L)
+    if grid[0]:
+        with on_device(x):
+            wrap_triton(_project_kernel)[grid](
+                x2, out, sq, seed & 0xFFFFFFFF, N, D, L, nm, BM=_BM, BL=_BL, BK=_BK,
+                ACC=tl.float64 if ct == torch.float64 else tl.float32)
     inv = torch.rsqrt(sq.to(ct))
     return (out * inv).to(x.dtype), inv
 
@@ -163,9 +208,12 @@ def sliced_backproject(g: torch.Tensor, inv_norm: torch.Tensor, D: int, seed: in
     g2 = g.to(ct).contiguous()
     N, L = g2.shape
     out = torch.empty((N, D), dtype=ct, device=g.device)
-    wrap_triton(_backproject_kernel)[(triton.cdiv(N, _BM), triton.cdiv(D, _BK))](
-        g2, inv_norm.to(ct).contiguous(), out, seed & 0xFFFFFFFF, N, D, L, BM=_BM, BL=_BL, BK=_BK,
-        ACC=tl.float64 if ct == torch.float64 else tl.float32)
+    nm, grid = backproject_grid(N, D)
+    if grid[0]:
+        with on_device(g):
+            wrap_triton(_backproject_kernel)[grid](
+                g2, inv_norm.to(ct).contiguous(), out, seed & 0xFFFFFFFF, N, D, L, nm, BM=_BM, BL=_BL,
+                BK=_BK, ACC=tl.float64 if ct == torch.float64 else tl.float32)
     return out.to(g.dtype)
 
 

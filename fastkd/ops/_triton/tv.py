@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .._common import wrap_triton
+from ._launch import grid_1d, on_device
 from ..tv import _tv_backward, _tv_setup_context, tv_num_terms
 
 
@@ -25,12 +26,16 @@ def _g(v, P: tl.constexpr):
         return 2.0 * v
 
 
-@triton.jit
-def _tv_fwd_kernel(x_ptr, g_ptr, part_ptr, per_sample, HW, H, W, scale, nblk,
+# One program per (sample n, block of BLOCK elements): program id = n * nblk + block. The
+# gradient is divided by ``div`` (the number of terms for reduction="mean", else 1), an
+# integer made a float in the kernel's accumulation type.
+@triton.jit(do_not_specialize=["div"])
+def _tv_fwd_kernel(x_ptr, g_ptr, part_ptr, per_sample, HW, H, W, div, nblk,
                    P: tl.constexpr, DIAG: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    prog = tl.program_id(0)
+    pid = prog % nblk
+    n = (prog // nblk).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < per_sample
     hw = offs % HW
@@ -72,8 +77,18 @@ def _tv_fwd_kernel(x_ptr, g_ptr, part_ptr, per_sample, HW, H, W, scale, nblk,
             ur = u & r
             v = c - tl.load(base + offs - W + 1, mask=ur, other=0.0).to(ACC)
             g += tl.where(ur, _g(v, P), zero)
+        scale = 1.0 / div.to(tl.int64).to(ACC)
         tl.store(g_ptr + n * per_sample + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=m)
     tl.store(part_ptr + n * nblk + pid, tl.sum(acc, axis=0))
+
+
+_BLOCK = 1024
+
+
+def tv_grid(N: int, per_sample: int) -> tuple[int, tuple[int]]:
+    """(blocks per sample, launch grid) of the TV kernel."""
+    nblk = triton.cdiv(per_sample, _BLOCK)
+    return nblk, grid_1d(N * nblk, "tv_loss")
 
 
 @torch.library.triton_op("fastkd_triton::tv_loss_fwd", mutates_args={})
@@ -84,18 +99,19 @@ def tv_loss_fwd(x: torch.Tensor, p: int, diagonal: bool, reduction: int,
     per_sample = C * H * W
     if per_sample >= 2**31:
         raise ValueError("tv_loss (triton backend): at most 2**31 - 1 elements per sample")
-    BLOCK = 1024
-    nblk = triton.cdiv(per_sample, BLOCK)
+    nblk, grid = tv_grid(N, per_sample)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((N, nblk), dtype=acc_dtype, device=x.device)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad else x.new_empty((0,))
     terms = tv_num_terms(x.shape, diagonal)
-    scale = 1.0 / terms if reduction == 1 else 1.0
-    wrap_triton(_tv_fwd_kernel)[(nblk, N)](
-        x, grad if need_grad else x, part, per_sample, H * W, H, W, scale, nblk,
-        P=p, DIAG=diagonal, GRAD=need_grad,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK)
-    loss = part.sum(1) if reduction == 0 else part.sum() * scale
+    div = terms if reduction == 1 else 1
+    if grid[0]:
+        with on_device(x):
+            wrap_triton(_tv_fwd_kernel)[grid](
+                x, grad if need_grad else x, part, per_sample, H * W, H, W, div, nblk,
+                P=p, DIAG=diagonal, GRAD=need_grad,
+                ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=_BLOCK)
+    loss = part.sum(1) if reduction == 0 else part.sum() / div
     return loss.to(x.dtype), grad
 
 
