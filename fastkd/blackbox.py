@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import math
 import os
 import random
 import select
@@ -48,6 +47,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from . import oip
+from .oip import DTYPES, FLOAT_TYPES, INT_TYPES, flatten, format_floats
 
 __all__ = ["BlackBoxTeacher", "BlackBoxError", "QueryBudgetExceeded", "TeacherUnavailable",
            "TeacherResponseError", "TeacherRequestError", "TeacherInputError", "format_floats"]
@@ -84,39 +86,10 @@ class TeacherInputError(ValueError):
     """The inputs do not match what the teacher accepts (checked before the first paid query)."""
 
 
-_NP_DTYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BF16": None,
-              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-              "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-              "BOOL": np.bool_}
-_INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-_FLOAT_TYPES = {"FP16", "FP32", "FP64"}
-
-
-def format_floats(a: np.ndarray) -> str:
-    """JSON array text of a float array, flattened, with 9 significant digits (exact for fp32)."""
-    flat = np.ascontiguousarray(a, dtype=np.float32).reshape(-1).tolist()
-    if not flat:
-        return "[]"
-    if not all(math.isfinite(v) for v in flat):
-        raise ValueError("format_floats: NaN or Inf cannot be sent as JSON")
-    return "[" + (",".join(["%.9g"] * len(flat)) % tuple(flat)) + "]"
-
-
-def _flatten(data):
-    """Flatten nested JSON lists (the protocol allows nested or flat tensor data)."""
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        out = []
-        stack = [iter(data)]
-        while stack:
-            for item in stack[-1]:
-                if isinstance(item, list):
-                    stack.append(iter(item))
-                    break
-                out.append(item)
-            else:
-                stack.pop()
-        return out
-    return data
+_NP_DTYPES = DTYPES
+_INT_TYPES = INT_TYPES
+_FLOAT_TYPES = FLOAT_TYPES
+_flatten = flatten
 
 
 class _Malformed(Exception):
