@@ -467,3 +467,65 @@ def test_our_client_against_mlserver(tmp_path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+
+
+class NoExtensions:
+    """Wraps an app so that ``GET /v2`` announces no protocol extension and every request
+    with binary tensors is refused, like a JSON-only server; records the content types."""
+
+    def __init__(self, app):
+        self.app, self.types = app, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            h = dict(scope["headers"])
+            if scope["path"] == "/v2":
+                body = json.dumps({"name": "jsononly", "version": "0", "extensions": []}).encode()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            if scope["method"] == "POST":
+                self.types.append(h.get(b"content-type", b"").decode())
+                if b"inference-header-content-length" in h:
+                    await send({"type": "http.response.start", "status": 400, "headers": []})
+                    await send({"type": "http.response.body", "body": b'{"error": "binary not supported"}'})
+                    return
+        await self.app(scope, receive, send)
+
+
+def test_client_uses_binary_when_announced_and_json_otherwise(served):
+    m, srv, _ = served
+    x = torch.randn(32, *SHAPE)
+    ref = ref_probs(m, x)
+    auto = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=False)
+    torch.testing.assert_close(auto(x), ref, atol=1e-6, rtol=1e-5)
+    assert auto.binary is True
+    forced = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=False, binary=False)
+    torch.testing.assert_close(forced(x), ref, atol=1e-6, rtol=1e-5)
+    sb, sj = auto.stats(), forced.stats()
+    # binary: 4 bytes per float each way; JSON floats take 9 significant digits
+    assert sb["bytes_sent"] < 32 * 16 * 4 + 1000 < sj["bytes_sent"]
+    assert sb["bytes_received"] < 32 * 10 * 4 + 1000 < sj["bytes_received"]
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    wrapped = NoExtensions(app)
+    with ServerThread(wrapped) as srv2:
+        bb = BlackBoxTeacher(url=srv2.url, model_name="tiny", cache=False)
+        torch.testing.assert_close(bb(x), ref, atol=1e-6, rtol=1e-5)
+        assert bb.binary is False and wrapped.types == ["application/json"]
+        assert bb.stats()["bytes_sent"] > 32 * 16 * 4
+        with pytest.raises(TeacherRequestError, match="binary not supported"):
+            BlackBoxTeacher(url=srv2.url, model_name="tiny", cache=False, binary=True)(x)
+    with pytest.raises(ValueError, match="binary must be"):
+        BlackBoxTeacher(url=srv.url, model_name="tiny", binary="yes")
+
+
+def test_client_hard_labels_binary_int64():
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", response="hard")
+    x = torch.randn(9, *SHAPE)
+    with ServerThread(app) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=False)
+        y = bb(x)
+        assert bb.binary is True
+    assert torch.equal(y.argmax(1), ref_probs(m, x).argmax(1)) and torch.equal(y.sum(1), torch.ones(9))
