@@ -284,12 +284,28 @@ def _device_ok(name: str, device_type: str) -> str | None:
     return f"unknown backend {name!r}"
 
 
+#: (op, device type) -> the backend it last ran on in this process (see :func:`backends_used`).
+_USED: dict[tuple[str, str], str] = {}
+
+
+def backends_used() -> dict[str, str]:
+    """``"op@device": backend`` for every op resolved in this process so far: what a run
+    records in its summary (which kernel each hot path actually ran on)."""
+    return {f"{op}@{dev}": name for (op, dev), name in sorted(_USED.items())}
+
+
 def resolve(op: str, backend: str, device: torch.device, supported=BACKENDS) -> str:
     """Return the backend ``op`` runs on for tensors on ``device``.
 
     Raises ValueError for an unknown name and BackendUnavailableError, saying why, when the
     requested backend cannot run here.
     """
+    name = _resolve(op, backend, device, supported)
+    _USED[(op, device.type)] = name
+    return name
+
+
+def _resolve(op: str, backend: str, device: torch.device, supported) -> str:
     if not _WARNED:
         _warn_unusable_extension_once()
     if not isinstance(backend, str):

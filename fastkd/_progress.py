@@ -44,6 +44,17 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def note(self, msg: str) -> None:
+        """Print a message on its own line (a warning during the loop), whatever the interval."""
+        if not self.enabled:
+            return
+        line = f"{self.desc}: {msg}"
+        if self.write is not None:
+            self.write(line)
+            return
+        self.stream.write(("\r\x1b[K" if self.tty else "") + line + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.enabled and self.tty and not self._closed:
             self.stream.write("\n")

@@ -26,7 +26,7 @@ from torch import nn
 from ._progress import Progress
 from .nn.kd import kd_loss, soft_cross_entropy
 
-__all__ = ["History", "train_student", "evaluate", "train_teacher", "teacher_probs",
+__all__ = ["History", "train_student", "evaluate", "check_student", "StudentCollapsedError", "train_teacher", "teacher_probs",
            "distributed_info"]
 
 
@@ -127,6 +127,57 @@ def evaluate(model: nn.Module, data, *, device=None, batch_size: int = 1024) -> 
     if total == 0:
         raise ValueError("evaluate: data holds no samples")
     return correct / total
+
+
+class StudentCollapsedError(RuntimeError):
+    """The trained student predicts one class for (almost) every input: it learned nothing."""
+
+
+@torch.no_grad()
+def check_student(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, *, what: str = "the inputs",
+                  collapse: float = 0.9, batch_size: int = 1024) -> dict:
+    """Is the trained student usable? Compares its predictions with the teacher's on ``inputs``
+    (held-out data when there is some, else up to a few thousand synthetic inputs).
+
+    Returns ``{"agreement", "student_top_class", "student_top_fraction", "teacher_top_fraction",
+    "warnings"}``. ``warnings`` (strings) names a student that agrees with the teacher on less
+    than half of the inputs, or predicts one class for more than half of them. Raises
+    :class:`StudentCollapsedError` when the student predicts one class for at least
+    ``collapse`` (90 %) of the inputs while the teacher does not (its top class is under half):
+    a student at chance, which a run must not report as a success."""
+    if inputs.shape[0] == 0:
+        raise ValueError("check_student: inputs holds no samples")
+    sdev, tdev = _device_of(student, None), _device_of(teacher, None)
+    was = student.training
+    student.eval()
+    sp, tp = [], []
+    try:
+        for i in range(0, inputs.shape[0], batch_size):
+            xb = inputs[i:i + batch_size]
+            sp.append(student(xb.to(sdev)).argmax(1).cpu())
+            tp.append(teacher(xb.to(tdev)).argmax(1).cpu())
+    finally:
+        student.train(was)
+    s_pred, t_pred = torch.cat(sp), torch.cat(tp)
+    n = s_pred.numel()
+    s_counts, t_counts = torch.bincount(s_pred), torch.bincount(t_pred)
+    top = int(s_counts.argmax())
+    out = {"agreement": float((s_pred == t_pred).float().mean()), "student_top_class": top,
+           "student_top_fraction": float(s_counts.max()) / n, "teacher_top_fraction": float(t_counts.max()) / n,
+           "checked_on": what, "samples": n, "warnings": []}
+    if out["student_top_fraction"] >= collapse and out["teacher_top_fraction"] < 0.5:
+        raise StudentCollapsedError(
+            f"the student predicts class {top} for {100 * out['student_top_fraction']:.0f}% of {what} (the "
+            f"teacher's most frequent class: {100 * out['teacher_top_fraction']:.0f}%): it learned nothing. "
+            "Usual causes: a synthetic set that does not cover the classes (check the sample grid and the "
+            "synthesis' teacher agreement), too few samples or epochs, a student learning rate too large")
+    if out["agreement"] < 0.5:
+        out["warnings"].append(f"the student agrees with the teacher on only {100 * out['agreement']:.0f}% of "
+                               f"{what}")
+    if out["student_top_fraction"] > 0.5 and out["teacher_top_fraction"] <= 0.5:
+        out["warnings"].append(f"the student predicts class {top} for {100 * out['student_top_fraction']:.0f}% "
+                               f"of {what}")
+    return out
 
 
 # --------------------------------------------------------------------------- training data
@@ -319,12 +370,16 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 s = model(x)
             l = crit(s.float(), p, temperature, target="probs")
+            lv = l.item()
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"{op}: the training loss is {lv} in epoch {ep + 1} ("
+                                         f"{_nonfinite_cause(x, p, s)}); the student is not usable")
             opt.zero_grad(set_to_none=True)
             l.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            tot += l.item() * x.shape[0]
+            tot += lv * x.shape[0]
             cnt += x.shape[0]
         rec = {"epoch": ep + 1, "loss": tot / max(cnt, 1), "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
@@ -337,6 +392,20 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
     bar.close()
     hist.seconds = time.perf_counter() - t_start
     return hist
+
+
+def _nonfinite_cause(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> str:
+    """Name why a training loss is not finite: the inputs, the targets or the student."""
+    if not bool(torch.isfinite(x).all()):
+        return "the training inputs hold NaN or Inf"
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if not bool(torch.isfinite(p).all()):
+        return "the teacher's probabilities hold NaN or Inf"
+    if m > 1e3:
+        return f"the training inputs reach |x| = {m:.3g}, far outside any normalised data: a runaway synthetic set"
+    if not bool(torch.isfinite(s).all()):
+        return "the student's outputs hold NaN or Inf: its learning rate is too large for this data"
+    return "the loss overflowed: lower the learning rate"
 
 
 # --------------------------------------------------------------------------- augmentation

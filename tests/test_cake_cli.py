@@ -27,15 +27,26 @@ def test_synthesize_and_distill_cli(tmp_path, capsys):
     assert len(ds) == 20 and ds.input_shape == (1, 8, 8)
     assert os.path.exists(os.path.join(out, "samples.png"))
     run = str(tmp_path / "run")
+    # 20 samples and one epoch teach the student nothing: the run says so (exit status 1) instead of
+    # reporting success, and keeps what it wrote
+    capsys.readouterr()
     assert main(["distill", "--method", "lake", "--teacher", "digits", "--student", "cnn_half", "--data", out,
-                 "--epochs", "1", "--out", run, "--eval-digits", "--quiet", "--device", "cpu"]) == 0
+                 "--epochs", "1", "--out", run, "--eval-digits", "--quiet", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "it learned nothing" in err and "Traceback" not in err
     summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["status"].startswith("failed: the student predicts class")
     assert 0.0 <= summary["student_accuracy"] <= 1.0 and summary["teacher_accuracy"] > 0.95
+    assert summary["run"]["seed"] == 0 and summary["run"]["torch"] == torch.__version__
     student, info = load_teacher(os.path.join(run, "student.pt"))
     assert info["model"] == "cnn_half" and student(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    # a finished run's folder is not overwritten silently
+    assert main(["distill", "--method", "lake", "--teacher", "digits", "--student", "cnn_half", "--data", out,
+                 "--epochs", "1", "--out", run, "--quiet", "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
-def test_distill_cli_state_dict_and_torchscript_teacher(tmp_path):
+def test_distill_cli_state_dict_and_torchscript_teacher(tmp_path, capsys):
     torch.manual_seed(0)
     t = models.create("mlp", num_classes=10, in_channels=1, input_size=8).eval()
     sd = str(tmp_path / "t_sd.pt")
@@ -44,8 +55,11 @@ def test_distill_cli_state_dict_and_torchscript_teacher(tmp_path):
     torch.jit.script(t).save(ts)
     common = ["--student", "mlp_half", "--num-samples", "20", "--batch-size", "10", "--steps", "1",
               "--epochs", "1", "--num-classes", "10", "--input-shape", "1,8,8", "--quiet", "--device", "cpu"]
-    with pytest.raises(ValueError, match="plain state_dict"):
-        main(["distill", "--method", "cake", "--teacher", sd, "--out", str(tmp_path / "a")] + common)
+    assert main(["distill", "--method", "cake", "--teacher", sd, "--out", str(tmp_path / "a")] + common) == 2
+    err = capsys.readouterr().err
+    assert "plain state_dict" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="plain state_dict"):  # --debug: the exception itself
+        main(["--debug", "distill", "--method", "cake", "--teacher", sd, "--out", str(tmp_path / "a")] + common)
     assert main(["distill", "--method", "cake", "--teacher", sd, "--teacher-model", "mlp",
                  "--out", str(tmp_path / "a")] + common) == 0
     assert main(["distill", "--method", "cake", "--teacher", ts, "--out", str(tmp_path / "b")] + common) == 0

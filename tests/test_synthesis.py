@@ -230,7 +230,7 @@ def test_diverging_batch_keeps_written_shards(tmp_path):
 
     torch.manual_seed(0)
     out = str(tmp_path / "x")
-    with pytest.raises(FloatingPointError, match="batch 1 diverged"):
+    with pytest.raises(FloatingPointError, match="batch 1"):
         cake(GoesBad(), **kw(out_dir=out, w_tv=0.0))
     assert sorted(f for f in os.listdir(out) if f.startswith("batch_")) == ["batch_000000.pt"]
     assert json.load(open(os.path.join(out, "manifest.json")))["num_batches"] == 3

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from fastkd._run import Parser as _Parser
+
 METHODS = ["cake", "lake"]
 
 #: The bundled default (``fastkd demo``): sized to finish within 5 minutes on a 2-core CPU.
@@ -341,7 +343,7 @@ def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fast
 
 # --------------------------------------------------------------------------- CLI
 def _demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastkd demo",
         description="CAKE/LAKE end to end on the bundled digits default: load the bundled teacher (a small CNN "
                     "trained on scikit-learn's digits), synthesise data from it without any real image, distil a "
@@ -416,7 +418,7 @@ def cli_demo(argv) -> int:
 def _distill_parser() -> argparse.ArgumentParser:
     from fastkd import models
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastkd distill --method cake|lake",
         description="Distil a student from a teacher without its data: synthesise a data set with CAKE (or LAKE: "
                     "explicit Langevin noise), then train the student on the teacher's soft labels of it.",
@@ -444,6 +446,8 @@ def _distill_parser() -> argparse.ArgumentParser:
                    "folder) instead of synthesising")
     p.add_argument("--out", default="fastkd_out/distill", help="writes synthetic/ (shards, resumable), "
                    "student.pt, samples.png and summary.json here")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out "
+                   "(without it such a folder is refused)")
     p.add_argument("--eval-digits", action="store_true", help="evaluate on the digits test split (for teachers "
                    "of the bundled default)")
     p.add_argument("--seed", type=int, default=0)
@@ -453,50 +457,75 @@ def _distill_parser() -> argparse.ArgumentParser:
 
 
 def cli_distill(argv) -> int:
+    from fastkd import _run
     from fastkd import data as _data
     from fastkd import distill, models
     from fastkd.synthesis import SyntheticDataset, cake
     from fastkd.teachers import save_teacher
 
-    a = _distill_parser().parse_args(argv)
+    p = _distill_parser()
+    a = p.parse_args(argv)
+    _positive(a, p, "num_samples", "batch_size", "steps", "epochs", "student_batch_size")
+    if not a.student_lr > 0:
+        p.error(f"--student-lr must be > 0, got {a.student_lr:g}")
+    if not (a.lr[0] > 0 and a.lr[1] > 0):
+        p.error(f"--lr START END must be positive step sizes, got {a.lr[0]:g} {a.lr[1]:g}")
+    syn_kw = synthesis_kwargs(a)
+    _run.claim_out_dir(a.out, a.overwrite)
     _init_distributed()
     dev = _device(a.device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher, info, k, shape = resolve_teacher(a, dev)
     rank = _rank()
-    os.makedirs(a.out, exist_ok=True)
+    torch.manual_seed(a.seed)
+    try:  # the student must take the teacher's inputs: checked before any synthesis
+        student = models.create(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape))
+        with torch.no_grad():
+            student.eval()(torch.zeros((2, *shape)))
+    except Exception as e:
+        raise _run.UsageError(f"--student {a.student} cannot take the teacher's inputs of shape "
+                              f"{','.join(map(str, shape))}: {' '.join(str(e).split())[:200]}") from None
+    student.train().to(dev)
     if a.data:
         ds = SyntheticDataset.load(a.data)
     else:
         ds = cake(teacher, num_classes=k, input_shape=shape, langevin=(a.method == "lake"), seed=a.seed,
-                  device=dev, progress=not a.quiet, out_dir=os.path.join(a.out, "synthetic"), **synthesis_kwargs(a))
+                  device=dev, progress=not a.quiet, out_dir=os.path.join(a.out, "synthetic"), **syn_kw)
     eval_data = None
     if a.eval_digits:
         _, _, x_te, y_te = _data.digits(shape[-1])
         eval_data = (x_te, y_te)
-    torch.manual_seed(a.seed)
-    student = models.create(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape)).to(dev)
     h = distill.train_student(student, ds, epochs=a.epochs, batch_size=a.student_batch_size, lr=a.student_lr,
                               temperature=a.temperature, loss=a.loss, eval_data=eval_data, seed=a.seed,
                               progress=not a.quiet, device=dev,
                               augment=None if a.augment == "none" or len(shape) != 3 else a.augment,
                               teacher=teacher if a.augment != "none" else None)
-    if rank == 0:
-        save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
-                     in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape))
-        try:
-            save_sample_grid(ds, os.path.join(a.out, "samples.png"))
-        except ImportError:
-            _log("matplotlib is not installed: no sample grid written")
-        summary = {"method": a.method, "teacher": a.teacher, "student": a.student, "seed": a.seed,
-                   "synthesis": {k2: v for k2, v in ds.meta.items() if isinstance(v, (int, float, str, list, type(None)))},
-                   "student_history": h.to_dict()}
-        if eval_data is not None:
-            summary["teacher_accuracy"] = distill.evaluate(teacher, eval_data)
-            summary["student_accuracy"] = h.final_accuracy
-            print(f"teacher {100 * summary['teacher_accuracy']:.2f}%  student {100 * h.final_accuracy:.2f}%")
-        with open(os.path.join(a.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"student written to {os.path.join(a.out, 'student.pt')}")
+    if rank != 0:
+        return 0
+    student_path = save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
+                                in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape))
+    try:
+        save_sample_grid(ds, os.path.join(a.out, "samples.png"))
+    except ImportError:
+        _log("matplotlib is not installed: no sample grid written")
+    summary = {"method": a.method, "teacher": a.teacher, "student": a.student, "seed": a.seed,
+               "synthesis": {k2: v for k2, v in ds.meta.items() if isinstance(v, (int, float, str, list, type(None)))},
+               "student_history": h.to_dict()}
+    if eval_data is not None:
+        summary["teacher_accuracy"] = distill.evaluate(teacher, eval_data)
+        summary["student_accuracy"] = h.final_accuracy
+        print(f"teacher {100 * summary['teacher_accuracy']:.2f}%  student {100 * h.final_accuracy:.2f}%")
+    check_x, what = (eval_data[0], "the held-out inputs") if eval_data is not None else (ds.inputs,
+                                                                                        "the synthetic inputs")
+    try:
+        summary["student_check"] = _run.finish_student(student, teacher, check_x, what=what, log=_log)
+    except distill.StudentCollapsedError as e:
+        summary["status"] = f"failed: {e}"
+        raise
+    finally:
+        summary["run"] = _run.run_record(a.seed)
+        summary.setdefault("status", "ok")
+        _run.write_summary(a.out, summary)
+    print(f"student written to {student_path}; load it with fastkd.teachers.load_teacher({student_path!r})")
     return 0

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._run import Parser as _Parser
 from .._progress import Progress
 from ..nn.bn_stats import BNStatsLoss
 
@@ -388,7 +389,7 @@ def cli_distill(argv) -> int:
     from .. import data, models
     from ..distill import evaluate
 
-    p = argparse.ArgumentParser(prog="fastkd distill --method tadfkd",
+    p = _Parser(prog="fastkd distill --method tadfkd",
                                 description="TA-DFKD: generator-based data-free distillation without a "
                                             "class prior, with on-device GMM sample selection.")
     p.add_argument("--method", default=METHOD)
@@ -462,7 +463,7 @@ def cli_distill(argv) -> int:
 
 
 def cli_demo(argv) -> int:
-    p = argparse.ArgumentParser(prog="fastkd demo --method tadfkd",
+    p = _Parser(prog="fastkd demo --method tadfkd",
                                 description="TA-DFKD end to end on the bundled digits default: trains (or "
                                             "loads) a BatchNorm CNN teacher, distills cnn_half without data, "
                                             "writes a sample grid PNG and a JSON summary.")

@@ -290,11 +290,11 @@ def _prepare_out_dir(out_dir: str, manifest: dict, rank: int) -> set[int]:
     return done
 
 
-def _write_shard(out_dir: str, b: int, key: str, x, p, y, seconds: float) -> None:
+def _write_shard(out_dir: str, b: int, key: str, x, p, y, seconds: float, lr: float | None = None) -> None:
     path = _shard_path(out_dir, b)
     tmp = path + f".tmp{os.getpid()}"
     torch.save({"format": SHARD_FORMAT, "key": key, "batch": b, "inputs": x, "probs": p, "labels": y,
-                "seconds": seconds}, tmp)
+                "seconds": seconds, "lr": lr}, tmp)
     os.replace(tmp, path)
 
 
@@ -305,7 +305,10 @@ def load_shards(out_dir: str, *, allow_incomplete: bool = False) -> SyntheticDat
         raise FileNotFoundError(f"load_shards: {out_dir!r} has no {MANIFEST}; not a synthesis out_dir")
     with open(path) as f:
         man = json.load(f)
-    xs, ps, ys, missing = [], [], [], []
+    xs, ps, ys, missing, backoffs = [], [], [], [], []
+    cfg = man.get("config", {})
+    lrs = (step_sizes(man["num_batches"], cfg["lr"][0], cfg["lr"][1], cfg["schedule"])
+           if cfg.get("lr") and cfg.get("schedule") else None)
     for b in range(man["num_batches"]):
         p = _shard_path(out_dir, b)
         if not os.path.exists(p):
@@ -317,11 +320,14 @@ def load_shards(out_dir: str, *, allow_incomplete: bool = False) -> SyntheticDat
         xs.append(obj["inputs"])
         ps.append(obj["probs"])
         ys.append(obj["labels"])
+        if lrs is not None and obj.get("lr") is not None and obj["lr"] != lrs[b]:
+            backoffs.append([b, obj["lr"]])
     if missing and not allow_incomplete:
         raise RuntimeError(f"load_shards: {out_dir!r} is incomplete: {len(missing)} of {man['num_batches']} "
                            f"batches missing (first: {missing[:5]}); rerun the synthesis to finish it")
     meta = dict(man.get("config", {}))
     meta["out_dir"] = os.path.abspath(out_dir)
+    meta["backoffs"] = backoffs
     return SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys), meta)
 
 
@@ -333,7 +339,7 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
          bn_prior_weight: float = 0.0, contrastive_on: str = "logits", group_size: int | None = None,
          clamp: tuple[float, float] | None = None, amp: bool | None = None, device=None, seed: int = 0,
          progress: bool = True, out_dir: str | None = None, backend: str = "auto",
-         distributed: bool | None = None) -> SyntheticDataset:
+         distributed: bool | None = None, max_abs: float | None = 100.0, backoff: int = 6) -> SyntheticDataset:
     """Synthesise ``num_samples`` inputs for ``teacher`` with CAKE (or LAKE).
 
     Args:
@@ -360,6 +366,14 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
         contrastive_on: "logits" (the authors' choice) or "probs".
         group_size: samples per label group (default num_classes).
         clamp: optional (lo, hi) range of the inputs after each step.
+        max_abs: runaway bound (100). A batch whose inputs leave [-max_abs, max_abs] or turn
+            non-finite has run away (the step is too large for this teacher: e.g. a teacher
+            with large logits, whose loss is steep): it is redone from its start with the
+            step size divided by 10, up to ``backoff`` times, and the step size used is
+            recorded per batch (``meta["backoffs"]``). None: no bound (non-finite inputs
+            still trigger the back-off). With ``clamp`` the inputs cannot run away.
+        backoff: how many times a runaway batch is redone with a 10x smaller step (6); a
+            batch still running away after that stops the call with FloatingPointError.
         amp: bf16 autocast of the teacher's forward; default on for CUDA, off on the CPU.
         device: default: the teacher's device.
         seed: batch b is determined by (seed, b).
@@ -376,6 +390,10 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
     """
     _validate(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv,
               lr, schedule, prior, bn_prior_weight, group_size, clamp)
+    if max_abs is not None and (isinstance(max_abs, bool) or not isinstance(max_abs, (int, float))
+                                or not math.isfinite(max_abs) or max_abs <= 0):
+        raise ValueError(f"cake: max_abs must be None or a finite number > 0, got {max_abs!r}")
+    _pos_int("backoff", backoff, 0)
     if not isinstance(langevin, bool):
         raise TypeError(f"cake: langevin must be a bool, got {type(langevin).__name__}")
     if noise_std is not None:
@@ -425,7 +443,7 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
 
 def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv, lr,
          schedule, langevin, noise_std, prior, bn_prior_weight, contrastive_on, group_size, clamp, amp,
-         device, seed, progress, out_dir, backend, distributed, use_amp, rank, world, bn, **_):
+         device, seed, progress, out_dir, backend, distributed, use_amp, rank, world, bn, max_abs, backoff, **_):
     num_batches = math.ceil(num_samples / batch_size)
     sizes = [min(batch_size, num_samples - b * batch_size) for b in range(num_batches)]
     lrs = step_sizes(num_batches, lr[0], lr[1], schedule)
@@ -435,7 +453,7 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
                   w_tv=w_tv, lr=list(lr), schedule=schedule, langevin=langevin, noise_std=noise_std,
                   prior=prior if isinstance(prior, str) else getattr(prior, "__qualname__", "callable"),
                   bn_prior_weight=bn_prior_weight, contrastive_on=contrastive_on, group_size=group_size,
-                  clamp=list(clamp) if clamp else None, amp=use_amp, seed=seed)
+                  clamp=list(clamp) if clamp else None, amp=use_amp, seed=seed, max_abs=max_abs, backoff=backoff)
     key_src = json.dumps(config, sort_keys=True) + teacher_fingerprint(teacher)
     key = hashlib.sha1(key_src.encode()).hexdigest()
     manifest = {"format": "fastkd.synthetic-shards/1", "key": key, "config": config,
@@ -463,35 +481,35 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
               file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     work = 0
+    backoffs: dict[int, float] = {}
     for b in todo:
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(_batch_seed(seed, b))
-        n = sizes[b]
-        x = _draw_prior(prior, (n, *input_shape), gen).to(device)
-        y, grp = class_prior_labels(n, num_classes, gen, group_size)
-        y, grp = y.to(device), grp.to(device)
         eps = lrs[b]
-        std = 0.0 if not langevin else noise_std
-        for t in range(steps):
-            x = synthesis_step(teacher, x, y, grp, loss_fn, eps, noise_std=std, clamp=clamp, w_tv=w_tv,
-                               seed=_batch_seed(seed, b, t + 1), backend=backend, amp=use_amp,
-                               bn=bn, bn_prior_weight=bn_prior_weight, check_finite=(t == 0), batch=b)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            final = teacher(x).float()
-        if bn is not None:
-            bn.terms = []
-        if not (bool(torch.isfinite(final).all()) and bool(torch.isfinite(x).all())):
-            raise FloatingPointError(
-                f"cake: batch {b} diverged (NaN/Inf in the inputs or teacher outputs after {steps} steps at "
-                f"lr {eps:g}); lower lr or the loss weights. Batches already written are kept.")
-        probs = torch.softmax(final, 1).cpu()
+        for attempt in range(backoff + 1):
+            x, logits, y, ran = _synthesise_batch(teacher, b, sizes[b], input_shape, num_classes, group_size, prior,
+                                              seed, steps, eps, langevin, noise_std, clamp, w_tv, loss_fn,
+                                              backend, use_amp, bn, bn_prior_weight, device, max_abs)
+            work += sizes[b] * (steps if ran is None else ran[0] + 1)
+            if ran is None:
+                break
+            where = f"at step {ran[0] + 1} of {steps}: " + ran[1]
+            if attempt == backoff:
+                raise FloatingPointError(
+                    f"cake: batch {b} ran away {where} even at step size {eps:g} ({backoff} times 10x below "
+                    f"the schedule's {lrs[b]:g}); lower lr, lower the loss weights or give clamp=(lo, hi). "
+                    "Batches already written are kept.")
+            if progress and rank == 0:
+                bar.note(f"batch {b} ran away {where} at step size {eps:g}; redoing it at {eps / 10:g}")
+            eps = eps / 10
+        if eps != lrs[b]:
+            backoffs[b] = eps
+        probs = torch.softmax(logits, 1).cpu()
         xc, yc = x.cpu(), y.cpu()
         dt = time.perf_counter() - t0
         if out_dir is not None:
-            _write_shard(out_dir, b, key, xc, probs, yc, dt)
+            _write_shard(out_dir, b, key, xc, probs, yc, dt, lr=eps)
         else:
-            results[b] = (xc, probs, yc)
-        work += n * steps
+            results[b] = (xc, probs, yc, eps)
         agree = (probs.argmax(1) == yc).float().mean().item()
         bar.update(1, f"batch {b} lr {eps:.1e} agreement {100 * agree:.0f}%")
     bar.close()
@@ -513,18 +531,63 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
         missing = [b for b in range(num_batches) if b not in results]
         if missing:  # pragma: no cover - would be a sharding bug
             raise RuntimeError(f"cake: batches {missing[:5]} were not synthesised")
-        xs, ps, ys = zip(*(results[b] for b in range(num_batches)))
+        xs, ps, ys, used = zip(*(results[b] for b in range(num_batches)))
         ds = SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys))
+        ds.meta["backoffs"] = [[b, used[b]] for b in range(num_batches) if used[b] != lrs[b]]
     ds.meta.update(config)
     ds.meta.update(seconds=seconds, batches_done_here=len(todo), resumed_batches=len(done), world_size=world,
                    throughput_sample_steps_per_s=(work / seconds if seconds > 0 else None),
                    teacher_agreement=ds.teacher_agreement(), teacher=manifest["teacher"])
     if progress and rank == 0:
+        if ds.meta.get("backoffs"):
+            bo = ds.meta["backoffs"]
+            print(f"synthesis [{method}]: {len(bo)} of {num_batches} batches ran away at their scheduled step "
+                  f"size and were redone with a smaller one (the largest used: {max(v for _, v in bo):g}); "
+                  "a smaller lr start avoids the redo", file=sys.stderr, flush=True)
         print(f"synthesis [{method}]: done in {seconds:.1f}s "
               f"({ds.meta['throughput_sample_steps_per_s'] or 0:.0f} sample-steps/s here), teacher agrees "
               f"with the intended label on {100 * ds.teacher_agreement():.1f}% of samples",
               file=sys.stderr, flush=True)
     return ds
+
+
+def _runaway(x: torch.Tensor, max_abs: float | None) -> str | None:
+    """Why x has run away (non-finite, or beyond the bound), or None."""
+    m = float(x.detach().abs().max()) if x.numel() else 0.0
+    if not math.isfinite(m):
+        return "its inputs hold NaN or Inf"
+    if max_abs is not None and m > max_abs:
+        return f"its inputs reached |x| = {m:.3g} (bound max_abs={max_abs:g})"
+    return None
+
+
+def _synthesise_batch(teacher, b, n, input_shape, num_classes, group_size, prior, seed, steps, eps, langevin,
+                      noise_std, clamp, w_tv, loss_fn, backend, use_amp, bn, bn_prior_weight, device, max_abs):
+    """Batch b from its prior draw at step size eps: (x, final logits, labels, None), or, when
+    it runs away, (x, None, labels, (step, why)). The inputs are checked at steps 1, 2, 4, 8,
+    ... and after the last, so a runaway is caught early at a few synchronisations per batch."""
+    gen = torch.Generator().manual_seed(_batch_seed(seed, b))
+    x = _draw_prior(prior, (n, *input_shape), gen).to(device)
+    y, grp = class_prior_labels(n, num_classes, gen, group_size)
+    y, grp = y.to(device), grp.to(device)
+    std = 0.0 if not langevin else noise_std
+    for t in range(steps):
+        x = synthesis_step(teacher, x, y, grp, loss_fn, eps, noise_std=std, clamp=clamp, w_tv=w_tv,
+                           seed=_batch_seed(seed, b, t + 1), backend=backend, amp=use_amp,
+                           bn=bn, bn_prior_weight=bn_prior_weight, check_finite=(t == 0), batch=b)
+        if (t + 1) & t == 0 or t + 1 == steps:
+            why = _runaway(x, max_abs)
+            if why is not None:
+                if bn is not None:
+                    bn.terms = []
+                return x, None, y, (t, why)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        final = teacher(x).float()
+    if bn is not None:
+        bn.terms = []
+    if not bool(torch.isfinite(final).all()):
+        return x, None, y, (steps - 1, "the teacher's outputs on its inputs hold NaN or Inf")
+    return x, final, y, None
 
 
 def synthesis_step(teacher, x, y, groups, loss_fn, lr, *, noise_std=0.0, clamp=None, w_tv=0.0, seed=0,
