@@ -65,10 +65,13 @@ class QueryBudgetExceeded(BlackBoxError):
 
     def __init__(self, needed: int, remaining: int, budget: int, what: str = "request") -> None:
         self.needed, self.remaining, self.budget = needed, remaining, budget
+        spent = budget - remaining
         super().__init__(
             f"query budget exceeded: this {what} needs {needed} paid queries but only {remaining} "
-            f"of the budget of {budget} are left; nothing was sent. Answers already paid for are "
-            f"kept in the cache, so a rerun with a larger budget resumes without paying again.")
+            f"of the budget of {budget} are left ({spent} already spent); nothing was sent. Answers "
+            f"already paid for are kept in the cache and are free on a rerun; this {what} needs a "
+            f"budget of at least {spent + needed}, or plan fewer new queries "
+            f"(BlackBoxTeacher.affordable() says how many of a batch fit).")
 
 
 class TeacherUnavailable(BlackBoxError):
@@ -111,6 +114,8 @@ class _Store:
     CREATE TABLE IF NOT EXISTS ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, teacher TEXT NOT NULL,
         n INTEGER NOT NULL, state TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
         created REAL NOT NULL);
+    CREATE TABLE IF NOT EXISTS claims (teacher TEXT NOT NULL, key BLOB NOT NULL, owner TEXT NOT NULL,
+        pid INTEGER NOT NULL, host TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (teacher, key));
     """
 
     def __init__(self, path: str | None, teacher: str) -> None:
@@ -127,6 +132,7 @@ class _Store:
         self.db.executescript(self.SCHEMA)
         self.lock = threading.RLock()
         self.host = socket.gethostname()
+        self.owner = uuid.uuid4().hex  # claims of this object (threads and objects share a pid)
         with self.lock:
             self._begin()
             self._recover()
@@ -146,6 +152,58 @@ class _Store:
                 self.db.execute("DELETE FROM ledger WHERE id=?", (rid,))
             else:
                 self.db.execute("UPDATE ledger SET state='paid' WHERE id=?", (rid,))
+        for pid in {r[0] for r in self.db.execute("SELECT DISTINCT pid FROM claims WHERE teacher=? AND host=?",
+                                                   (self.teacher, self.host))}:
+            if pid != os.getpid() and not _pid_alive(pid):
+                self.db.execute("DELETE FROM claims WHERE teacher=? AND host=? AND pid=?",
+                                (self.teacher, self.host, pid))
+
+    def claim(self, keys: list[bytes]) -> tuple[dict, list[bytes], list[bytes]]:
+        """Atomically split uncached ``keys`` into (answers now in the cache, keys claimed
+        here, keys claimed by another client that is asking for them)."""
+        with self.lock:
+            self._begin()
+            try:
+                self._recover()
+                cached = self.lookup(keys)
+                mine, theirs, now = [], [], time.time()
+                for k in keys:
+                    if k in cached:
+                        continue
+                    r = self.db.execute("SELECT owner FROM claims WHERE teacher=? AND key=?",
+                                        (self.teacher, k)).fetchone()
+                    if r is None:
+                        self.db.execute("INSERT INTO claims (teacher, key, owner, pid, host, created) "
+                                        "VALUES (?, ?, ?, ?, ?, ?)",
+                                        (self.teacher, k, self.owner, os.getpid(), self.host, now))
+                        mine.append(k)
+                    elif r[0] == self.owner:
+                        mine.append(k)
+                    else:
+                        theirs.append(k)
+                self.db.execute("COMMIT")
+                return cached, mine, theirs
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def unclaim(self, keys: list[bytes]) -> None:
+        with self.lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                self.db.execute("DELETE FROM claims WHERE teacher=? AND owner=? AND key IN (%s)" % (
+                    ",".join("?" * len(chunk))), (self.teacher, self.owner, *chunk))
+
+    def claimed(self, keys: list[bytes]) -> set[bytes]:
+        """The keys still claimed by another client."""
+        out = set()
+        with self.lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                q = "SELECT key FROM claims WHERE teacher=? AND owner<>? AND key IN (%s)" % (
+                    ",".join("?" * len(chunk)))
+                out.update(bytes(r[0]) for r in self.db.execute(q, (self.teacher, self.owner, *chunk)))
+        return out
 
     def spent(self) -> int:
         with self.lock:
@@ -202,6 +260,8 @@ class _Store:
                     self.db.executemany(
                         "INSERT OR REPLACE INTO responses (teacher, key, kind, value, created) "
                         "VALUES (?, ?, ?, ?, ?)", [(self.teacher, k, kind, v, now) for k, kind, v in rows])
+                    self.db.executemany("DELETE FROM claims WHERE teacher=? AND key=?",
+                                        [(self.teacher, k) for k, _, _ in rows])
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -501,8 +561,8 @@ class BlackBoxTeacher:
         self._meta: dict | None = None
         self._input_dtype = "FP32"
         self._out_is_int: bool | None = None
-        self._stats = dict(queries_paid=0, cache_hits=0, requests=0, retries=0, failed_attempts=0,
-                           bytes_sent=0, bytes_received=0)
+        self._stats = dict(queries_paid=0, cache_hits=0, answers_shared=0, requests=0, retries=0,
+                           failed_attempts=0, bytes_sent=0, bytes_received=0)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -678,7 +738,77 @@ class BlackBoxTeacher:
         raise TeacherUnavailable(f"the teacher at {self.identity} did not answer its metadata request after "
                                  f"{self.retries + 1} attempts: {last}")
 
+    def affordable(self, x) -> int:
+        """How many leading samples of ``x`` can be answered within the budget left: cached
+        answers (and inputs another client sharing the cache is asking for now) are free,
+        each new distinct input costs one query. Plan a transfer set with it (take
+        ``x[:teacher.affordable(x)]``) so that a run resumed after lost requests still fits."""
+        arr, _ = self._as_array(x)
+        n = arr.shape[0]
+        if self.budget is None or n == 0:
+            return n
+        keys = [self._key(arr[i]) for i in range(n)]
+        uniq = list(dict.fromkeys(keys))
+        free = set(self._store.lookup(uniq)) if self._use_cache else set()
+        if self._use_cache:
+            free |= self._store.claimed([k for k in uniq if k not in free])
+        left, seen = self.budget_left, set()
+        for i, k in enumerate(keys):
+            if k in free or k in seen:
+                continue
+            if left == 0:
+                return i
+            left -= 1
+            seen.add(k)
+        return n
+
     def _fetch(self, arr, keys, todo, answers) -> None:
+        """Answer the uncached samples ``todo``: claim them in the ledger (another client
+        sharing the cache that is asking for some of them is waited for, never paid twice),
+        then pay for and ask the claimed ones."""
+        if not self._use_cache:
+            return self._fetch_mine(arr, keys, todo, answers)
+        pending = todo
+        while pending:
+            idx = {keys[i]: i for i in pending}
+            cached, mine, theirs = self._store.claim(list(idx))
+            for k, (kind, v) in cached.items():
+                answers[k] = (kind, np.frombuffer(v, dtype=np.float32))
+            try:
+                if mine:
+                    self._fetch_mine(arr, keys, [idx[k] for k in mine], answers)
+            finally:
+                self._store.unclaim(mine)
+            with self._lock:
+                self._stats["cache_hits"] += len(cached)
+            pending = [idx[k] for k in self._wait_for(theirs, answers)]
+
+    def _wait_for(self, theirs: list[bytes], answers) -> list[bytes]:
+        """Wait for answers another client is fetching; returns the keys it gave up on."""
+        patience = self.timeout * (self.retries + 2) + self.backoff_max * self.retries
+        last = time.monotonic()
+        while theirs:
+            got = self._store.lookup(theirs)
+            if got:
+                last = time.monotonic()
+                for k, (kind, v) in got.items():
+                    answers[k] = (kind, np.frombuffer(v, dtype=np.float32))
+                with self._lock:
+                    self._stats["answers_shared"] += len(got)
+                theirs = [k for k in theirs if k not in got]
+                if not theirs:
+                    break
+            still = self._store.claimed(theirs)
+            gone = [k for k in theirs if k not in still and k not in self._store.lookup([k])]
+            if gone:
+                return gone
+            if time.monotonic() - last > patience:
+                raise TeacherUnavailable(f"another client sharing the cache {self.cache_path} claimed "
+                                         f"{len(theirs)} of these inputs and gave no answer within {patience:.0f} s")
+            time.sleep(0.02)
+        return []
+
+    def _fetch_mine(self, arr, keys, todo, answers) -> None:
         chunks = [todo[i:i + self.max_batch] for i in range(0, len(todo), self.max_batch)]
         rids = self._store.reserve([len(c) for c in chunks], self.budget, "request")
         results: list = [None] * len(chunks)
@@ -750,9 +880,10 @@ class BlackBoxTeacher:
                 if e.billed:  # the failed attempt was paid: the retry needs a new reservation
                     rid = self._store.reserve([n], self.budget, "retry")[0]
                 continue
-            except BaseException:
-                self._store.set_state(rid, "reserved")
-                self._store.release(rid)
+            except BaseException:  # interrupted with the request out: its fate is unknown, it is paid
+                self._store.settle_paid(rid, None)
+                with self._lock:
+                    self._stats["queries_paid"] += n
                 raise
             rows = [(keys[i], kind, v.astype(np.float32).tobytes()) for i, (kind, v) in zip(idx, kinds_vals)]
             self._store.settle_paid(rid, rows if self._use_cache else None)

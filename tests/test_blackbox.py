@@ -529,3 +529,126 @@ def test_client_hard_labels_binary_int64():
         y = bb(x)
         assert bb.binary is True
     assert torch.equal(y.argmax(1), ref_probs(m, x).argmax(1)) and torch.equal(y.sum(1), torch.ones(9))
+
+
+# ----------------------------------------------------------------------------- budget: lost requests, shared caches
+def _lose_answers(bb, which, exc=None):
+    """Make the transport of ``bb`` lose the answer of the inference requests numbered in
+    ``which`` (1-based): the server answers them, the client never sees it."""
+    from fastkd.blackbox import _Attempt
+    orig, count = bb._t.request, [0]
+
+    def request(method, path, body, timeout, extra=None):
+        out = orig(method, path, body, timeout, extra)
+        if method == "POST":
+            count[0] += 1
+            if count[0] in which:
+                if exc is not None:
+                    raise exc
+                raise _Attempt("connection", "connection lost before the answer (simulated)", billed=True)
+        return out
+    bb._t.request = request
+
+
+def test_lost_request_never_strands_the_run_and_resume_pays_nothing(tmp_path):
+    from fastkd.methods.mekd import query_planned
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    db = tmp_path / "c.sqlite"
+    x = torch.randn(40, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with ServerThread(app) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=40, retries=3, backoff=0.01)
+        _lose_answers(bb, {2})
+        xd, t = query_planned(bb, x, 8)  # the lost request is charged: 32 of the 40 planned fit
+        assert xd.shape[0] == 32 and torch.equal(xd, x[:32])
+        torch.testing.assert_close(t, ref_probs(m, xd), atol=1e-6, rtol=1e-5)
+        s = bb.stats()
+        assert s["queries_paid_total"] == 40 == app.state.stats["inference_count"] and s["budget_left"] == 0
+        # the same run again: everything from the cache, nothing paid, same transfer set
+        bb2 = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=40)
+        xd2, t2 = query_planned(bb2, x, 8)
+        assert torch.equal(xd2, xd) and torch.equal(t2, t) and bb2.stats()["queries_paid"] == 0
+        # a slightly larger budget buys exactly the difference
+        bb3 = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=43)
+        xd3, _ = query_planned(bb3, x, 8)
+        assert xd3.shape[0] == 35 and bb3.stats()["queries_paid"] == 3
+        assert app.state.stats["inference_count"] == 43
+        with pytest.raises(QueryBudgetExceeded, match=r"needs a budget of at least 48"):
+            bb3(x[:40])
+
+
+@pytest.mark.parametrize("point", ["connect", "answered", "interrupted"])
+def test_client_dies_at_several_points_then_resumes(tmp_path, point):
+    """The client dies before sending, after the server answered (answer lost), or is
+    interrupted with a request out; the resumed run finishes within the budget and the
+    ledger accounts for every sample the server answered."""
+    from fastkd.methods.mekd import query_planned
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny")
+    db = tmp_path / "c.sqlite"
+    x = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(4))
+    with ServerThread(app) as srv:
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=30, retries=0)
+        if point == "connect":
+            bb._t.port = free_port()  # nothing listens there: refused before sending
+            with pytest.raises(TeacherUnavailable):
+                query_planned(bb, x, 8)
+        else:
+            _lose_answers(bb, {2}, KeyboardInterrupt() if point == "interrupted" else None)
+            with pytest.raises(KeyboardInterrupt if point == "interrupted" else TeacherUnavailable):
+                query_planned(bb, x, 8)
+        paid = bb.stats()["queries_paid_total"]
+        assert paid == app.state.stats["inference_count"]  # whatever the server answered is paid
+        bb.close()
+        bb2 = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=30)
+        xd, t = query_planned(bb2, x, 8)
+        s = bb2.stats()
+        assert s["queries_paid_total"] == app.state.stats["inference_count"] <= 30
+        assert xd.shape[0] == (24 if point == "connect" else 22)  # 8 lost answers, 6 left after them
+        torch.testing.assert_close(t, ref_probs(m, xd), atol=1e-6, rtol=1e-5)
+
+
+class Slow(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        time.sleep(0.01)
+        return self.m(x)
+
+
+@pytest.mark.parametrize("clients", [2, 4])
+def test_concurrent_clients_sharing_a_cache_never_pay_twice(tmp_path, clients):
+    from fastkd.methods.mekd import query_planned
+    m = tiny_model()
+    app = create_app(Slow(m), input_shape=SHAPE, num_classes=10, name="tiny", batch_delay=0)
+    db = tmp_path / "c.sqlite"
+    x = torch.randn(96, *SHAPE, generator=torch.Generator().manual_seed(5))
+    res, errs = [None] * clients, []
+    with ServerThread(app) as srv:
+        def run(j):
+            try:
+                bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=db, budget=80, max_batch=4)
+                # identical runs, as two copies of the same command would do
+                res[j] = query_planned(bb, x, 8) + (bb.stats(),)
+                bb.close()
+            except BaseException as e:  # noqa: BLE001
+                errs.append(e)
+        ths = [threading.Thread(target=run, args=(j,)) for j in range(clients)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(120)
+    assert not errs, errs
+    served = app.state.stats["inference_count"]
+    for xd, t, s in res:
+        assert xd.shape[0] == 80  # every run finished with the whole budget's transfer set
+        torch.testing.assert_close(t, ref_probs(m, xd), atol=1e-6, rtol=1e-5)
+    import sqlite3
+    with sqlite3.connect(db) as c:
+        paid = c.execute("SELECT SUM(n) FROM ledger WHERE state='paid'").fetchone()[0]
+        distinct = c.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        claims = c.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+    assert served == paid == distinct == 80 and claims == 0, (served, paid, distinct)
+    assert sum(s["answers_shared"] + s["cache_hits"] for _, _, s in res) > 0

@@ -329,6 +329,28 @@ def _edge_subset(teacher, edge, budget):
     return edge[:n]
 
 
+def query_planned(teacher, x: torch.Tensor, batch: int = 256):
+    """``(x[:m], answers)``: the planned query set ``x`` answered in batches, stopping where
+    the budget left runs out (``teacher.affordable``; cached answers are free).
+
+    Plans are made from the nominal budget, so a resumed run generates the same inputs and
+    finds their answers in the cache; cutting the plan to the cache plus the budget left lets
+    a run whose lost requests were charged still finish instead of failing on its last batch."""
+    fit = getattr(teacher, "affordable", None)
+    if fit is None:
+        return x, query_all(teacher, x, batch)
+    outs, done = [], 0
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch]
+        k = fit(xb)
+        if k:
+            outs.append(teacher(xb[:k]))
+            done += k
+        if k < xb.shape[0]:
+            break
+    return x[:done], (torch.cat(outs) if outs else torch.zeros(0, teacher.num_classes or 0))
+
+
 def _fresh_student(x, t, edge, *, G, num_classes, cfg, eval_data, progress, log, n_edge=0):
     """A new ``cfg.student`` (seeded by ``cfg.seed``) distilled on (x, t); returns (student, history)."""
     from fastkd import models
@@ -354,8 +376,7 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
     t0 = time.perf_counter()
     budget = cfg.budget
     # 1. the edge images, answered once
-    e = _edge_subset(teacher, edge, budget)
-    te = query_all(teacher, e, cfg.query_batch)
+    e, te = query_planned(teacher, _edge_subset(teacher, edge, budget), cfg.query_batch)
     # 2. deprivatization (its information term spends info_per_step per step)
     left = None if budget is None else budget - e.shape[0]
     steps_info = cfg.info_per_step * cfg.gan_steps
@@ -369,7 +390,7 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
     with torch.no_grad():
         xs = torch.cat([G(latent_prior(min(1024, n_syn - i), num_classes, gen))
                         for i in range(0, max(0, n_syn), 1024)]) if n_syn > 0 else edge[:0]
-    ts = query_all(teacher, xs, cfg.query_batch)
+    xs, ts = query_planned(teacher, xs, cfg.query_batch)
     x = torch.cat([e, xg, xs])
     t = torch.cat([te, tg, ts])
     if progress:
@@ -396,8 +417,7 @@ def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, ev
         g = torch.Generator().manual_seed(cfg.seed + 5)
         idx = torch.randint(0, edge.shape[0], (extra,), generator=g)
         xs.append(_jitter(edge[idx], g))
-    x = torch.cat(xs)
-    t = query_all(teacher, x, cfg.query_batch)
+    x, t = query_planned(teacher, torch.cat(xs), cfg.query_batch)
     student, hist = _fresh_student(x, t, edge, G=None, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
                                    progress=progress, log=log, n_edge=e.shape[0])
     return _with_test_acc({"method": "kd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
@@ -411,7 +431,7 @@ def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig,
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(cfg.seed + 7)
     x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
-    t = query_all(teacher, x, cfg.query_batch)
+    x, t = query_planned(teacher, x, cfg.query_batch)
     student, hist = _fresh_student(x, t, edge, G=None, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
                                    progress=progress, log=log)
     return _with_test_acc({"method": "noise", "config": asdict(cfg), "transfer_set": {"noise": int(x.shape[0])},
