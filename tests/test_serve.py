@@ -415,3 +415,19 @@ def test_cli_errors_in_a_subprocess_exit_2_without_traceback():
         r = subprocess.run([sys.executable, "-m", "fastkd", "serve-teacher", "digits", "--device", "cuda"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_client_headers_reach_a_token_server_and_cli_header_is_validated(capsys):
+    from fastkd.blackbox import BlackBoxTeacher, TeacherRequestError
+    from fastkd.methods.mekd import cli_distill
+    m = tiny_model()
+    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", token="s3cret")
+    x = torch.randn(3, *SHAPE)
+    with ServerThread(app) as srv:
+        with pytest.raises(TeacherRequestError, match="HTTP 401"):
+            BlackBoxTeacher(url=srv.url, model_name="tiny", cache=False)(x)
+        bb = BlackBoxTeacher(url=srv.url, model_name="tiny", cache=False, headers={"Authorization": "Bearer s3cret"})
+        torch.testing.assert_close(bb(x), ref_probs(m, x), atol=1e-6, rtol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        cli_distill(["--teacher-url", "http://127.0.0.1:1/v2/models/x", "--header", "no colon"])
+    assert e.value.code == 2 and "--header: must look like 'Name: value'" in capsys.readouterr().err

@@ -558,6 +558,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=256, help="samples per teacher request (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per teacher request (default: %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="retries per request (default: %(default)s)")
+    p.add_argument("--header", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
+                   help="extra HTTP header on every teacher request, e.g. 'Authorization: Bearer TOKEN' "
+                        "(repeatable)")
     p.add_argument("--baseline", action="store_true", help="also train plain KD on the same edge data and budget")
     p.add_argument("--out", default="fastkd_out/mekd", help="output folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -574,10 +577,20 @@ def _log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
+def _header(s: str):
+    import argparse
+    name, sep, value = s.partition(":")
+    if not sep or not name.strip() or any(c in name for c in " \t\r\n") or any(c in value for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"must look like 'Name: value', got {s!r}")
+    return name.strip(), value.strip()
+
+
 def _run(args, url: str, model_name: str | None, ident: str) -> dict:
     from fastkd.blackbox import BlackBoxTeacher
 
-    probe = BlackBoxTeacher(url=url, model_name=model_name, timeout=args.timeout, retries=args.retries)
+    headers = dict(getattr(args, "header", None) or [])
+    probe = BlackBoxTeacher(url=url, model_name=model_name, timeout=args.timeout, retries=args.retries,
+                            headers=headers)
     meta = probe.metadata()
     probe.close()
     size = int(meta["inputs"][0]["shape"][-1])
@@ -593,6 +606,7 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
             cache = f"{os.path.splitext(cache)[0]}.{name}.sqlite"
         teacher = BlackBoxTeacher(url=url, model_name=model_name, response=args.response, budget=args.budget,
                                   max_batch=args.max_batch, timeout=args.timeout, retries=args.retries,
+                                  headers=headers,
                                   cache=cache, name=f"{ident}:{name}:{args.shift}:{args.seed}" if not cache else None,
                                   verbose=not args.quiet)
         res = fn(teacher, edge, num_classes=10, cfg=cfg, eval_data=test, progress=not args.quiet, log=_log)
