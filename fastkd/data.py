@@ -17,6 +17,7 @@ students.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -215,3 +216,109 @@ def fmnist_info(size: int = 32, *, root: str | None = None) -> dict:
     *_, mean, std = _fmnist_cached(root, size)
     return {"num_classes": FMNIST_NUM_CLASSES, "input_shape": (1, size, size), "mean": mean, "std": std,
             "classes": FMNIST_CLASSES, "pixel_range": ((0.0 - mean) / std, (1.0 - mean) / std)}
+
+
+# --------------------------------------------------------------------------- your own data
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+_X_KEYS = ("x", "images", "inputs", "data")
+_Y_KEYS = ("y", "labels", "targets")
+
+
+def _normalize(x: torch.Tensor, mean, std, what: str) -> torch.Tensor:
+    if mean is None and std is None:
+        return x
+    c = x.shape[1]
+    m = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=torch.float32)
+    s = torch.as_tensor(std if std is not None else [1.0] * c, dtype=torch.float32)
+    for name, v in (("--mean", m), ("--std", s)):
+        if v.numel() not in (1, c):
+            raise ValueError(f"{name}: give 1 or {c} values for the {c}-channel images of {what}, got {v.numel()}")
+    if bool((s <= 0).any()):
+        raise ValueError(f"--std values must be > 0, got {s.tolist()}")
+    return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+
+
+def _read_folder(path: str):
+    from PIL import Image
+
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    if not classes:
+        raise ValueError(f"{path}: an image folder needs one subfolder per class (as torchvision's ImageFolder); "
+                         "found none")
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        for root, _, files in sorted(os.walk(os.path.join(path, c))):
+            for f in sorted(files):
+                if f.lower().endswith(_IMAGE_EXT):
+                    with Image.open(os.path.join(root, f)) as im:
+                        if im.mode not in ("L", "RGB"):
+                            im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
+                        a = np.asarray(im)
+                    xs.append(a)
+                    ys.append(label)
+    if not xs:
+        raise ValueError(f"{path}: no image files ({', '.join(_IMAGE_EXT)}) in its class subfolders")
+    shapes = {a.shape for a in xs}
+    if len(shapes) > 1:
+        raise ValueError(f"{path}: the images differ in size or channels ({sorted(shapes)[:3]}...); resize them to "
+                         "the teacher's input size first")
+    x = np.stack(xs)
+    return x, np.asarray(ys, dtype=np.int64), classes
+
+
+def _pick(obj: dict, keys, path: str, what: str):
+    for k in keys:
+        if k in obj:
+            return obj[k]
+    raise ValueError(f"{path}: no {what} array; expected one of the keys {', '.join(keys)} (found: "
+                     f"{', '.join(map(str, obj.keys()))})")
+
+
+def load_labelled(path: str, *, input_shape, mean=None, std=None, flag: str = "--eval-data"):
+    """Your own labelled images, for evaluation (or unlabelled edge data: the labels are then
+    ignored): ``(x, y)`` tensors with x of shape (N, *input_shape).
+
+    ``path`` is an image-folder tree (one subfolder per class, sorted names give the labels,
+    as torchvision's ImageFolder), an ``.npz`` file or a ``.pt`` file (a dict, or an
+    ``(images, labels)`` pair). Arrays may be NCHW or NHWC. Integer images (0..255) are scaled
+    to [0, 1] and then normalised with ``mean``/``std`` (per channel, as the teacher was
+    trained); float arrays are taken as the teacher's inputs as they are. Channels and size
+    must match ``input_shape``: one error naming ``flag`` otherwise, before any work.
+    """
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    if os.path.isdir(path):
+        x, y, _ = _read_folder(path)
+    elif path.endswith(".npz"):
+        with np.load(path) as z:
+            obj = {k: z[k] for k in z.files}
+        x, y = _pick(obj, _X_KEYS, path, "images"), _pick(obj, _Y_KEYS, path, "labels")
+    elif path.endswith((".pt", ".pth")):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, (tuple, list)) and len(obj) == 2:
+            x, y = obj
+        elif isinstance(obj, dict):
+            x, y = _pick(obj, _X_KEYS, path, "images"), _pick(obj, _Y_KEYS, path, "labels")
+        else:
+            raise ValueError(f"{flag} {path}: expected a dict with images and labels or an (images, labels) pair, "
+                             f"got {type(obj).__name__}")
+    else:
+        raise ValueError(f"{flag} {path}: expected an image folder, an .npz or a .pt file")
+    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    y = torch.as_tensor(np.asarray(y)).long().view(-1) if not isinstance(y, torch.Tensor) else y.long().view(-1)
+    c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) == 3 else (None, None, None)
+    if x.dim() == 3 and c == 1:
+        x = x.unsqueeze(1)
+    if x.dim() == 4 and c is not None and x.shape[1] != c and x.shape[-1] == c:
+        x = x.permute(0, 3, 1, 2)
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{flag} {path}: the images have shape {tuple(x.shape[1:])} (C,H,W) but the teacher takes "
+                         f"{tuple(input_shape)}; resize or convert them first")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{flag} {path}: {x.shape[0]} images but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ValueError(f"{flag} {path}: holds no images")
+    if x.dtype == torch.uint8 or not x.is_floating_point():
+        x = x.float() / 255.0
+        x = _normalize(x, mean, std, path)
+    return x.float().contiguous(), y

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "ResNet", "BasicBlock", "SmallCNN", "MLP", "create", "names", "register",
+__all__ = ["LeNet5", "ResNet", "BasicBlock", "SmallCNN", "MLP", "create", "build", "names", "register",
            "num_parameters"]
 
 
@@ -211,6 +211,68 @@ def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> 
         if not takes:
             kwargs.pop("input_size")
     return ctor(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def build(spec: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
+    """Build a model from an architecture spec, with random weights:
+
+    * a fastkd zoo name (:func:`names`): :func:`create`;
+    * ``"torchvision:<name>"``: ``torchvision.models.get_model(name, num_classes=...)``,
+      torchvision's own architecture and weight names (3 input channels);
+    * ``"timm:<name>"``: ``timm.create_model(name, num_classes=..., in_chans=...)`` (needs timm);
+    * ``"package.module:factory"``: your own code; ``factory`` is called with whichever of
+      ``num_classes``, ``in_channels`` and ``**kwargs`` it accepts and must return an
+      ``nn.Module``. The module is imported, so its code runs.
+    """
+    import importlib
+    import inspect
+
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"models.build: spec must be a model name or PREFIX:NAME, got {spec!r}")
+    if ":" not in spec:
+        return create(spec, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    prefix, name = spec.split(":", 1)
+    kwargs.pop("input_size", None) if prefix in ("torchvision", "timm") else None
+    if prefix == "torchvision":
+        try:
+            import torchvision
+        except ImportError:
+            raise ValueError(f"models.build: {spec!r} needs torchvision (pip install torchvision)") from None
+        if in_channels != 3:
+            raise ValueError(f"models.build: torchvision classifiers take 3 input channels, not {in_channels} "
+                             f"({spec!r})")
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"models.build: torchvision has no classification model {name!r}; see "
+                             "torchvision.models.list_models(module=torchvision.models)")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"models.build: {spec!r} needs timm (pip install timm)") from None
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        except RuntimeError as e:  # timm's unknown-model error
+            raise ValueError(f"models.build: {spec!r}: {e}") from None
+    try:
+        mod = importlib.import_module(prefix)
+    except ImportError as e:
+        raise ValueError(f"models.build: cannot import {prefix!r} for {spec!r} ({e}); expected a fastkd model "
+                         f"name ({', '.join(names())}), torchvision:NAME, timm:NAME or package.module:factory") from None
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise ValueError(f"models.build: {prefix} has no callable {name!r} ({spec!r})")
+    args = dict(kwargs, num_classes=num_classes, in_channels=in_channels)
+    try:
+        params = inspect.signature(fn).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            args = {k: v for k, v in args.items() if k in params}
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        pass
+    m = fn(**args)
+    if not isinstance(m, nn.Module):
+        raise ValueError(f"models.build: {spec} returned a {type(m).__name__}, not an nn.Module")
+    return m
 
 
 def num_parameters(model: nn.Module) -> int:

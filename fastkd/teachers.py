@@ -22,7 +22,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["load_teacher", "save_teacher", "digits_teacher", "fmnist_teacher", "train_fmnist_teacher",
+__all__ = ["load_teacher", "save_teacher", "infer_shapes", "ExportedTeacher", "digits_teacher", "fmnist_teacher", "train_fmnist_teacher",
            "DIGITS_TEACHER_PATH", "FMNIST_TEACHERS", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = "fastkd.teacher/1"
@@ -63,12 +63,83 @@ def _is_torchscript(path: str) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+class ExportedTeacher(nn.Module):
+    """A ``torch.export`` program (.pt2) as a module: its graph runs as exported (in the mode it
+    was exported in; ``train()``/``eval()`` only set the flag), and a program exported for a
+    fixed batch size is called in slices of that size (the last one padded)."""
+
+    def __init__(self, program) -> None:
+        super().__init__()
+        self.program = program.module()
+        names = set(program.graph_signature.user_inputs)
+        vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+        if len(vals) != 1 or vals[0] is None:
+            raise ValueError(f"load_teacher: the exported program takes {len(vals)} inputs; a teacher takes one "
+                             "batch of inputs")
+        shape = tuple(vals[0].shape)
+        self.input_shape = tuple(int(d) for d in shape[1:]) if all(isinstance(d, int) for d in shape[1:]) else None
+        self.fixed_batch = int(shape[0]) if isinstance(shape[0], int) else None
+        outs = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
+        out = outs[0].meta.get("val") if isinstance(outs, (tuple, list)) and outs else None
+        self.num_classes = int(out.shape[-1]) if out is not None and isinstance(out.shape[-1], int) else None
+
+    def train(self, mode: bool = True):
+        self.training = mode  # the exported graph keeps the mode it was exported in
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.fixed_batch
+        if b is None or x.shape[0] == b:
+            return self.program(x)
+        outs = []
+        for i in range(0, x.shape[0], b):
+            xb = x[i:i + b]
+            n = xb.shape[0]
+            if n < b:
+                xb = torch.cat([xb, xb[-1:].expand(b - n, *xb.shape[1:])])
+            outs.append(self.program(xb)[:n])
+        return torch.cat(outs)
+
+
+def _is_exported(path: str) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith(("serialized_exported_program.json", "/models/model.json")) or "/models/" in n
+                   for n in z.namelist()) and not _is_torchscript(path)
+
+
+def infer_shapes(state_dict: dict) -> dict:
+    """Best guesses from a state_dict: ``num_classes`` (rows of the last weight matrix) and
+    ``in_channels`` (input channels of the first convolution); None where unknown."""
+    ws = [(k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor) and k.endswith("weight")]
+    mats = [v for _, v in ws if v.dim() == 2]
+    convs = [v for _, v in ws if v.dim() == 4]
+    return {"num_classes": int(mats[-1].shape[0]) if mats else None,
+            "in_channels": int(convs[0].shape[1]) if convs else None}
+
+
 def load_teacher(path: str, *, model: str | None = None, num_classes: int | None = None,
-                 in_channels: int | None = None, map_location="cpu", **model_kwargs):
+                 in_channels: int | None = None, map_location="cpu", trust: bool = False, **model_kwargs):
     """Load a teacher; returns ``(module, info)`` with the module in eval mode.
 
-    ``info`` holds what is known about it: model name, num_classes, in_channels,
-    input_shape (None when unknown) and the checkpoint's recorded test accuracy.
+    ``path`` is a bundled name (``"digits"``, ``"fmnist"``, ``"fmnist-bn"``) or a file:
+
+    * TorchScript (``torch.jit.save``);
+    * a ``torch.export`` program (``torch.export.save``, .pt2): input shape and number of
+      classes are read from it;
+    * a fastkd checkpoint (:func:`save_teacher`);
+    * a ``state_dict`` with ``model`` naming the architecture (see
+      :func:`fastkd.models.build`: a zoo name, ``"torchvision:<name>"``, ``"timm:<name>"`` or
+      ``"package.module:factory"``); num_classes and in_channels are read from the weights
+      when not given;
+    * a whole pickled module (``torch.save(model)``) only with ``trust=True``: unpickling runs
+      code from the file, so only for files you made or trust.
+
+    ``info`` holds what is known: model name, num_classes, in_channels, input_shape (None
+    when unknown) and the checkpoint's recorded test accuracy.
     """
     from . import models
 
@@ -90,38 +161,70 @@ def load_teacher(path: str, *, model: str | None = None, num_classes: int | None
         m.eval()
         return m, {"model": "torchscript", "num_classes": num_classes, "in_channels": in_channels,
                    "input_shape": None, "test_accuracy": None}
+    if _is_exported(path):
+        try:
+            m = ExportedTeacher(torch.export.load(path))
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"load_teacher: {path!r} looks like a torch.export program but does not load with "
+                             f"this torch ({torch.__version__}): {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}") from e
+        m.to(map_location)
+        shape = m.input_shape
+        return m, {"model": "torch.export", "num_classes": num_classes or m.num_classes,
+                   "in_channels": in_channels or (shape[0] if shape else None), "input_shape": shape,
+                   "test_accuracy": None}
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"load_teacher: {path!r} is neither TorchScript nor a state_dict / fastkd checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if not trust:
+            raise ValueError(f"load_teacher: {path!r} is not TorchScript, a torch.export program or a state_dict; "
+                             "if it is a whole module saved with torch.save(model), loading it runs code from the "
+                             "file: pass trust=True (--trust-teacher-file) if you made it or trust it") from e
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e2:
+            raise ValueError(f"load_teacher: {path!r} does not load ({type(e2).__name__}: "
+                             f"{' '.join(str(e2).split())[:200]})") from e2
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"load_teacher: {path!r} holds a {type(obj).__name__}, not a module")
+        obj.eval()
+        return obj, {"model": "pickled module", "num_classes": num_classes, "in_channels": in_channels,
+                     "input_shape": None, "test_accuracy": None}
     if isinstance(obj, dict) and obj.get("format") == TEACHER_FORMAT:
         name = obj["model"]
         nc = obj["num_classes"]
         ic = obj["in_channels"]
         kw = dict(obj.get("kwargs") or {})
         kw.update(model_kwargs)
-        m = models.create(name, num_classes=nc, in_channels=ic, **kw)
+        m = models.build(name, num_classes=nc, in_channels=ic, **kw)
         m.load_state_dict(obj["state_dict"])
         m.eval()
         return m, {"model": name, "num_classes": nc, "in_channels": ic, "input_shape": obj.get("input_shape"),
-                   "test_accuracy": obj.get("test_accuracy")}
+                   "test_accuracy": obj.get("test_accuracy"), "normalize": obj.get("normalize")}
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        guess = infer_shapes(obj)
+        num_classes = num_classes or guess["num_classes"]
+        in_channels = in_channels or guess["in_channels"]
         if model is None or num_classes is None or in_channels is None:
-            raise ValueError(f"load_teacher: {path!r} is a plain state_dict; give the model name "
-                             f"(--teacher-model, one of {models.names()}), num_classes and in_channels")
-        m = models.create(model, num_classes=num_classes, in_channels=in_channels, **model_kwargs)
+            raise ValueError(f"load_teacher: {path!r} is a plain state_dict; give its architecture "
+                             f"(--teacher-model: a fastkd model ({', '.join(models.names())}), torchvision:NAME, "
+                             "timm:NAME or package.module:factory)"
+                             + ("" if num_classes else ", --num-classes") + ("" if in_channels else ", --input-shape"))
+        m = models.build(model, num_classes=num_classes, in_channels=in_channels, **model_kwargs)
         try:
             m.load_state_dict(obj)
         except RuntimeError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise ValueError(f"load_teacher: the state_dict in {path!r} does not fit model {model!r} with "
                              f"num_classes={num_classes}, in_channels={in_channels}: "
-                             f"{str(e).splitlines()[0]}") from e
+                             f"{' '.join(lines[:3])[:400]}") from e
         m.eval()
         return m, {"model": model, "num_classes": num_classes, "in_channels": in_channels, "input_shape": None,
                    "test_accuracy": None}
     raise ValueError(f"load_teacher: {path!r} holds a {type(obj).__name__}, not a teacher (expected TorchScript, "
-                     "a fastkd teacher checkpoint or a state_dict)")
+                     "a torch.export program, a fastkd teacher checkpoint or a state_dict)")
 
 
 def digits_teacher():

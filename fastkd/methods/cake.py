@@ -89,38 +89,91 @@ def synthesis_kwargs(a) -> dict:
 
 
 def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    from fastkd import models
-
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", required=required, metavar="PATH",
-                   help="TorchScript file, fastkd teacher checkpoint, or state_dict (then give --teacher-model); "
-                        "'digits', 'fmnist' and 'fmnist-bn' are the bundled teachers")
-    g.add_argument("--teacher-model", choices=models.names(), metavar="NAME",
-                   help=f"model of a state_dict teacher: {', '.join(models.names())}")
-    g.add_argument("--num-classes", type=int, help="teacher output width (read from fastkd checkpoints)")
+                   help="TorchScript file, torch.export program (.pt2), fastkd teacher checkpoint, or state_dict "
+                        "(then give --teacher-model); 'digits', 'fmnist' and 'fmnist-bn' are the bundled teachers")
+    g.add_argument("--teacher-model", metavar="ARCH",
+                   help="architecture of a state_dict teacher: a fastkd model name, torchvision:NAME, timm:NAME "
+                        "or package.module:factory")
+    g.add_argument("--trust-teacher-file", action="store_true",
+                   help="allow a teacher saved whole with torch.save(model): loading it runs code from the file, "
+                        "so only for files you made or trust")
+    g.add_argument("--num-classes", type=int, help="teacher output width (read from the file or the model when "
+                   "possible)")
     g.add_argument("--input-shape", type=_shape, metavar="C,H,W",
-                   help="one input's shape, e.g. 3,32,32 (read from fastkd checkpoints)")
+                   help="one input's shape, e.g. 3,32,32 (read from fastkd checkpoints and .pt2 programs)")
 
 
 def resolve_teacher(a, device):
+    """The teacher of the parsed options, its info, number of classes and input shape; what
+    the file does not say is asked for with one line naming the option."""
+    from fastkd._run import UsageError
     from fastkd.teachers import load_teacher
 
     in_ch = a.input_shape[0] if a.input_shape else None
-    kw = student_kwargs(a.teacher_model, a.input_shape) if (a.teacher_model and a.input_shape) else {}
-    teacher, info = load_teacher(a.teacher, model=a.teacher_model, num_classes=a.num_classes, in_channels=in_ch,
-                                 **kw)
-    num_classes = a.num_classes or info.get("num_classes")
+    spec = a.teacher_model
+    kw = student_kwargs(spec, a.input_shape) if (spec and a.input_shape) else {}
+    if a.num_classes is not None and a.num_classes < 2:
+        raise UsageError(f"--num-classes must be an integer >= 2, got {a.num_classes}")
+    teacher, info = load_teacher(a.teacher, model=spec, num_classes=a.num_classes, in_channels=in_ch,
+                                 trust=getattr(a, "trust_teacher_file", False), **kw)
     shape = a.input_shape or (tuple(info["input_shape"]) if info.get("input_shape") else None)
-    if num_classes is None:
-        raise SystemExit("error: --num-classes is required for this teacher")
     if shape is None:
-        raise SystemExit("error: --input-shape C,H,W is required for this teacher")
-    return teacher.to(device), info, int(num_classes), tuple(shape)
+        raise UsageError(f"--input-shape C,H,W is required for this teacher ({info['model']}: its file does not "
+                         "record the input shape)")
+    if info.get("input_shape") and a.input_shape and tuple(info["input_shape"]) != tuple(a.input_shape):
+        raise UsageError(f"--input-shape {','.join(map(str, a.input_shape))} differs from the teacher's recorded "
+                         f"{','.join(map(str, info['input_shape']))}")
+    num_classes = a.num_classes or info.get("num_classes")
+    try:  # the teacher must take this shape; its output width gives the number of classes
+        with torch.no_grad():
+            out = teacher(torch.zeros((2, *shape)))
+    except Exception as e:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))}: the teacher rejects inputs of this shape "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UsageError(f"--teacher {a.teacher}: the model must return (N, classes) logits, got "
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise UsageError(f"--num-classes {num_classes} differs from the teacher's output width {out.shape[1]}")
+    return teacher.to(device), info, int(out.shape[1]), tuple(shape)
+
+
+def pixel_range(mean, std) -> tuple[float, float]:
+    """The normalised values of black (0) and white (1) pixels over all channels: the clamp
+    that keeps synthetic inputs inside what a normalised image can be."""
+    n = max(len(mean), len(std))
+    ms = list(mean) * n if len(mean) == 1 else list(mean)
+    ss = list(std) * n if len(std) == 1 else list(std)
+    return (min(-m / s for m, s in zip(ms, ss)), max((1.0 - m) / s for m, s in zip(ms, ss)))
+
+
+def export_torchscript(model, input_shape, path: str, log=None) -> str | None:
+    """Write ``model`` as TorchScript (traced on a zero batch of ``input_shape``) so it loads
+    with ``torch.jit.load`` and no fastkd; None (and a line saying why) when tracing fails."""
+    import warnings
+
+    was = model.training
+    model.eval()
+    try:
+        p0 = next(iter(model.parameters()), None)
+        x = torch.zeros((2, *input_shape), device=p0.device if p0 is not None else "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, x, check_trace=False)
+            traced.save(path)
+        return path
+    except Exception as e:  # a model tracing cannot follow: the checkpoint still has it
+        (log or _log)(f"no TorchScript export ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+        return None
+    finally:
+        model.train(was)
 
 
 def student_kwargs(name: str, input_shape) -> dict:
     """Constructor arguments a zoo model needs for inputs of ``input_shape`` (cnn, mlp: the side)."""
-    if name.startswith(("cnn", "mlp")) and len(input_shape) == 3:
+    if ":" not in name and name.startswith(("cnn", "mlp")) and len(input_shape) == 3:
         return {"input_size": int(input_shape[-1])}
     return {}
 
@@ -430,8 +483,9 @@ def _distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="cake")
     add_teacher_args(p)
     g = p.add_argument_group("student")
-    g.add_argument("--student", required=True, choices=models.names(), metavar="NAME",
-                   help=f"student model: {', '.join(models.names())}")
+    g.add_argument("--student", required=True, metavar="ARCH",
+                   help=f"student model: a fastkd model ({', '.join(models.names())}), torchvision:NAME, timm:NAME "
+                        "or package.module:factory")
     g.add_argument("--epochs", type=int, default=30, help="student epochs")
     g.add_argument("--student-batch-size", type=int, default=256)
     g.add_argument("--student-lr", type=float, default=0.5, help="peak SGD lr (one-cycle)")
@@ -450,6 +504,13 @@ def _distill_parser() -> argparse.ArgumentParser:
                    "(without it such a folder is refused)")
     p.add_argument("--eval-digits", action="store_true", help="evaluate on the digits test split (for teachers "
                    "of the bundled default)")
+    p.add_argument("--eval-data", metavar="PATH", help="evaluate teacher and student on your labelled images: an "
+                   "image folder (one subfolder per class, as torchvision's ImageFolder), an .npz or a .pt file "
+                   "(images and labels); 8-bit images are scaled to [0, 1] and normalised with --mean/--std")
+    p.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean the teacher's inputs are "
+                   "normalised with (x - mean) / std, e.g. 0.4914 0.4822 0.4465; also sets the synthesis clamp to "
+                   "the normalised pixel range unless --clamp is given")
+    p.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel std of that normalisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true")
@@ -470,6 +531,12 @@ def cli_distill(argv) -> int:
         p.error(f"--student-lr must be > 0, got {a.student_lr:g}")
     if not (a.lr[0] > 0 and a.lr[1] > 0):
         p.error(f"--lr START END must be positive step sizes, got {a.lr[0]:g} {a.lr[1]:g}")
+    if (a.mean is None) != (a.std is None):
+        p.error("--mean and --std go together (the teacher's input normalisation)")
+    if a.std is not None and any(v <= 0 for v in a.std):
+        p.error(f"--std values must be > 0, got {' '.join(f'{v:g}' for v in a.std)}")
+    if a.eval_data and a.eval_digits:
+        p.error("--eval-data and --eval-digits: give one of them")
     syn_kw = synthesis_kwargs(a)
     _run.claim_out_dir(a.out, a.overwrite)
     _init_distributed()
@@ -477,10 +544,28 @@ def cli_distill(argv) -> int:
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     teacher, info, k, shape = resolve_teacher(a, dev)
+    normalize = None
+    if a.mean is not None:
+        for flag, v in (("--mean", a.mean), ("--std", a.std)):
+            if len(v) not in (1, shape[0]):
+                raise _run.UsageError(f"{flag}: give 1 or {shape[0]} values (the teacher's input channels), "
+                                      f"got {len(v)}")
+        normalize = {"mean": list(a.mean), "std": list(a.std)}
+        if syn_kw["clamp"] is None:
+            syn_kw["clamp"] = pixel_range(a.mean, a.std)
+    eval_data = None
+    if a.eval_digits:
+        _, _, x_te, y_te = _data.digits(shape[-1])
+        eval_data = (x_te, y_te)
+    elif a.eval_data:
+        eval_data = _data.load_labelled(a.eval_data, input_shape=shape, mean=a.mean, std=a.std)
+        if int(eval_data[1].max()) >= k or int(eval_data[1].min()) < 0:
+            raise _run.UsageError(f"--eval-data {a.eval_data}: labels run to {int(eval_data[1].max())} but the "
+                                  f"teacher has {k} classes")
     rank = _rank()
     torch.manual_seed(a.seed)
     try:  # the student must take the teacher's inputs: checked before any synthesis
-        student = models.create(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape))
+        student = models.build(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape))
         with torch.no_grad():
             student.eval()(torch.zeros((2, *shape)))
     except Exception as e:
@@ -492,10 +577,6 @@ def cli_distill(argv) -> int:
     else:
         ds = cake(teacher, num_classes=k, input_shape=shape, langevin=(a.method == "lake"), seed=a.seed,
                   device=dev, progress=not a.quiet, out_dir=os.path.join(a.out, "synthetic"), **syn_kw)
-    eval_data = None
-    if a.eval_digits:
-        _, _, x_te, y_te = _data.digits(shape[-1])
-        eval_data = (x_te, y_te)
     h = distill.train_student(student, ds, epochs=a.epochs, batch_size=a.student_batch_size, lr=a.student_lr,
                               temperature=a.temperature, loss=a.loss, eval_data=eval_data, seed=a.seed,
                               progress=not a.quiet, device=dev,
@@ -504,7 +585,9 @@ def cli_distill(argv) -> int:
     if rank != 0:
         return 0
     student_path = save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
-                                in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape))
+                                in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape),
+                                normalize=normalize)
+    script_path = export_torchscript(student, shape, os.path.join(a.out, "student.torchscript.pt"), log=_log)
     try:
         save_sample_grid(ds, os.path.join(a.out, "samples.png"))
     except ImportError:
@@ -527,5 +610,6 @@ def cli_distill(argv) -> int:
         summary["run"] = _run.run_record(a.seed)
         summary.setdefault("status", "ok")
         _run.write_summary(a.out, summary)
-    print(f"student written to {student_path}; load it with fastkd.teachers.load_teacher({student_path!r})")
+    print(f"student written to {student_path}; load it with fastkd.teachers.load_teacher({student_path!r})"
+          + (f", or without fastkd: torch.jit.load({script_path!r})" if script_path else ""))
     return 0
