@@ -16,9 +16,9 @@ line front end. Endpoints:
 * ``GET  /v2/models/{name}/stats``: samples answered, requests and model executions.
 
 Dynamic batching: concurrent requests are queued and coalesced into one model call of at
-most ``max_batch`` samples; the batcher waits at most ``batch_delay`` seconds for more
-requests once one is queued (requests that arrive while the model runs join the next call
-without waiting). The model runs in one thread under ``torch.inference_mode()`` on
+most ``max_batch`` samples. Requests that arrive while the model runs join the next call;
+when a call could start but other requests are still being received or parsed, the
+batcher waits for them at most ``batch_delay`` seconds (a lone client never waits). The model runs in one thread under ``torch.inference_mode()`` on
 ``device``.
 
 Limits and errors: a body larger than ``max_body`` bytes is refused with 413, from its
@@ -107,6 +107,7 @@ class _Batcher:
         self.queue: asyncio.Queue | None = None
         self.loop = None
         self.task = None
+        self.incoming = 0  # requests being read or parsed, that may join the next call
 
     async def submit(self, x: torch.Tensor):
         loop = asyncio.get_running_loop()
@@ -131,7 +132,7 @@ class _Batcher:
                     nxt = q.get_nowait()
                 except asyncio.QueueEmpty:
                     left = deadline - loop.time()
-                    if left <= 0:
+                    if left <= 0 or self.incoming == 0:  # nobody else is on the way: run now
                         break
                     try:
                         nxt = await asyncio.wait_for(q.get(), left)
@@ -327,6 +328,13 @@ def create_app(model: torch.nn.Module, *, input_shape, num_classes: int, name: s
         bad = check_model(request)
         if bad is not None:
             return bad
+        batcher.incoming += 1
+        try:
+            return await _infer(request)
+        finally:
+            batcher.incoming -= 1
+
+    async def _infer(request):
         try:
             body = await read_body(request)
         except _TooLarge as e:
@@ -344,7 +352,11 @@ def create_app(model: torch.nn.Module, *, input_shape, num_classes: int, name: s
             rid, x = check(head, tensors)
         except oip.ProtocolError as e:
             return _err(str(e), 400)
-        out = await batcher.submit(x)
+        batcher.incoming -= 1  # queued now
+        try:
+            out = await batcher.submit(x)
+        finally:
+            batcher.incoming += 1
         rhead = {"model_name": name, "model_version": version}
         if rid is not None:
             rhead["id"] = rid
