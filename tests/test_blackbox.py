@@ -520,7 +520,7 @@ def test_client_uses_binary_when_announced_and_json_otherwise(served):
         BlackBoxTeacher(url=srv.url, model_name="tiny", binary="yes")
 
 
-def test_client_hard_labels_binary_int64():
+def test_client_hard_labels_from_a_binary_server():
     m = tiny_model()
     app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", response="hard")
     x = torch.randn(9, *SHAPE)
