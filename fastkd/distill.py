@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _dist
 from ._progress import Progress
 from .nn.kd import kd_loss, soft_cross_entropy
 
@@ -61,11 +62,7 @@ class History:
 # --------------------------------------------------------------------------- helpers
 def distributed_info():
     """(rank, world_size) when torch.distributed is initialised, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return _dist.info()
 
 
 def _device_of(model: nn.Module, device) -> torch.device:

@@ -14,7 +14,11 @@ import time
 
 import torch
 
+from fastkd import _dist
 from fastkd._run import Parser as _Parser
+from fastkd.methods._cli import (add_eval_args, add_run_args, add_student_args, add_teacher_args, build_student,
+                                 check_eval_args, finish, load_eval, normalization, pixel_range,
+                                 positive, resolve_teacher, student_kwargs)
 
 METHODS = ["cake", "lake"]
 
@@ -36,16 +40,6 @@ DEMOS = {"digits": DEMO, "fmnist": FMNIST_DEMO}
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _shape(s: str):
-    try:
-        t = tuple(int(v) for v in s.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,16,16), got {s!r}") from None
-    if not t or any(v < 1 for v in t):
-        raise argparse.ArgumentTypeError(f"expected positive sizes C,H,W (e.g. 1,16,16), got {s!r}")
-    return t
 
 
 def add_synthesis_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -88,119 +82,9 @@ def synthesis_kwargs(a) -> dict:
                 clamp=tuple(a.clamp) if a.clamp else None)
 
 
-def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", required=required, metavar="PATH",
-                   help="TorchScript file, torch.export program (.pt2), fastkd teacher checkpoint, or state_dict "
-                        "(then give --teacher-model); 'digits', 'fmnist' and 'fmnist-bn' are the bundled teachers")
-    g.add_argument("--teacher-model", metavar="ARCH",
-                   help="architecture of a state_dict teacher: a fastkd model name, torchvision:NAME, timm:NAME "
-                        "or package.module:factory")
-    g.add_argument("--trust-teacher-file", action="store_true",
-                   help="allow a teacher saved whole with torch.save(model): loading it runs code from the file, "
-                        "so only for files you made or trust")
-    g.add_argument("--num-classes", type=int, help="teacher output width (read from the file or the model when "
-                   "possible)")
-    g.add_argument("--input-shape", type=_shape, metavar="C,H,W",
-                   help="one input's shape, e.g. 3,32,32 (read from fastkd checkpoints and .pt2 programs)")
-
-
-def resolve_teacher(a, device):
-    """The teacher of the parsed options, its info, number of classes and input shape; what
-    the file does not say is asked for with one line naming the option."""
-    from fastkd._run import UsageError
-    from fastkd.teachers import load_teacher
-
-    in_ch = a.input_shape[0] if a.input_shape else None
-    spec = a.teacher_model
-    kw = student_kwargs(spec, a.input_shape) if (spec and a.input_shape) else {}
-    if a.num_classes is not None and a.num_classes < 2:
-        raise UsageError(f"--num-classes must be an integer >= 2, got {a.num_classes}")
-    teacher, info = load_teacher(a.teacher, model=spec, num_classes=a.num_classes, in_channels=in_ch,
-                                 trust=getattr(a, "trust_teacher_file", False), **kw)
-    shape = a.input_shape or (tuple(info["input_shape"]) if info.get("input_shape") else None)
-    if shape is None:
-        raise UsageError(f"--input-shape C,H,W is required for this teacher ({info['model']}: its file does not "
-                         "record the input shape)")
-    if info.get("input_shape") and a.input_shape and tuple(info["input_shape"]) != tuple(a.input_shape):
-        raise UsageError(f"--input-shape {','.join(map(str, a.input_shape))} differs from the teacher's recorded "
-                         f"{','.join(map(str, info['input_shape']))}")
-    num_classes = a.num_classes or info.get("num_classes")
-    try:  # the teacher must take this shape; its output width gives the number of classes
-        with torch.no_grad():
-            out = teacher(torch.zeros((2, *shape)))
-    except Exception as e:
-        raise UsageError(f"--input-shape {','.join(map(str, shape))}: the teacher rejects inputs of this shape "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UsageError(f"--teacher {a.teacher}: the model must return (N, classes) logits, got "
-                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    if num_classes is not None and out.shape[1] != num_classes:
-        raise UsageError(f"--num-classes {num_classes} differs from the teacher's output width {out.shape[1]}")
-    return teacher.to(device), info, int(out.shape[1]), tuple(shape)
-
-
-def pixel_range(mean, std) -> tuple[float, float]:
-    """The normalised values of black (0) and white (1) pixels over all channels: the clamp
-    that keeps synthetic inputs inside what a normalised image can be."""
-    n = max(len(mean), len(std))
-    ms = list(mean) * n if len(mean) == 1 else list(mean)
-    ss = list(std) * n if len(std) == 1 else list(std)
-    return (min(-m / s for m, s in zip(ms, ss)), max((1.0 - m) / s for m, s in zip(ms, ss)))
-
-
-def export_torchscript(model, input_shape, path: str, log=None) -> str | None:
-    """Write ``model`` as TorchScript (traced on a zero batch of ``input_shape``) so it loads
-    with ``torch.jit.load`` and no fastkd; None (and a line saying why) when tracing fails."""
-    import warnings
-
-    was = model.training
-    model.eval()
-    try:
-        p0 = next(iter(model.parameters()), None)
-        x = torch.zeros((2, *input_shape), device=p0.device if p0 is not None else "cpu")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, x, check_trace=False)
-            traced.save(path)
-        return path
-    except Exception as e:  # a model tracing cannot follow: the checkpoint still has it
-        (log or _log)(f"no TorchScript export ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
-        return None
-    finally:
-        model.train(was)
-
-
-def student_kwargs(name: str, input_shape) -> dict:
-    """Constructor arguments a zoo model needs for inputs of ``input_shape`` (cnn, mlp: the side)."""
-    if ":" not in name and name.startswith(("cnn", "mlp")) and len(input_shape) == 3:
-        return {"input_size": int(input_shape[-1])}
-    return {}
-
-
-def _device(name):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _init_distributed():
-    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return True
-    return False
-
-
-def _rank():
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+_device = _dist.device
+_init_distributed = _dist.init_from_env
+_rank = _dist.rank
 
 
 # --------------------------------------------------------------------------- pieces
@@ -445,10 +329,7 @@ def _augment_arg(v: str) -> str:
 
 
 def _positive(a, p, *names) -> None:
-    for n in names:
-        v = getattr(a, n)
-        if v is not None and v < 1:
-            p.error(f"--{n.replace('_', '-')} must be a positive integer, got {v}")
+    positive(p, a, *names)
 
 
 def cli_demo(argv) -> int:
@@ -469,26 +350,19 @@ def cli_demo(argv) -> int:
 
 
 def _distill_parser() -> argparse.ArgumentParser:
-    from fastkd import models
-
     p = _Parser(
         prog="fastkd distill --method cake|lake",
         description="Distil a student from a teacher without its data: synthesise a data set with CAKE (or LAKE: "
                     "explicit Langevin noise), then train the student on the teacher's soft labels of it.",
-        epilog="example: fastkd distill --method cake --teacher teacher.pt --teacher-model resnet34 "
-               "--num-classes 10 --input-shape 3,32,32 --student resnet18 --out runs/cifar\n"
+        epilog="example: fastkd distill --method cake --teacher teacher.pt2 --student torchvision:resnet18 "
+               "--mean 0.49 0.48 0.45 --std 0.25 0.24 0.26 --eval-data test_images/ --out runs/cifar\n"
                "Under torchrun (e.g. torchrun --nproc-per-node 2 -m fastkd distill ...), synthesis batches are "
                "shared between the processes and the student trains with DistributedDataParallel.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="cake")
     add_teacher_args(p)
-    g = p.add_argument_group("student")
-    g.add_argument("--student", required=True, metavar="ARCH",
-                   help=f"student model: a fastkd model ({', '.join(models.names())}), torchvision:NAME, timm:NAME "
-                        "or package.module:factory")
-    g.add_argument("--epochs", type=int, default=30, help="student epochs")
-    g.add_argument("--student-batch-size", type=int, default=256)
-    g.add_argument("--student-lr", type=float, default=0.5, help="peak SGD lr (one-cycle)")
+    add_student_args(p)
+    g = p.add_argument_group("student training")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--loss", choices=["soft_ce", "kl"], default="soft_ce")
     g.add_argument("--augment", type=_augment_arg, default="shift",
@@ -498,80 +372,41 @@ def _distill_parser() -> argparse.ArgumentParser:
     add_synthesis_args(p)
     p.add_argument("--data", metavar="PATH", help="use this synthetic data set (a .pt file or a synthesis out "
                    "folder) instead of synthesising")
-    p.add_argument("--out", default="fastkd_out/distill", help="writes synthetic/ (shards, resumable), "
-                   "student.pt, samples.png and summary.json here")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out "
-                   "(without it such a folder is refused)")
-    p.add_argument("--eval-digits", action="store_true", help="evaluate on the digits test split (for teachers "
-                   "of the bundled default)")
-    p.add_argument("--eval-data", metavar="PATH", help="evaluate teacher and student on your labelled images: an "
-                   "image folder (one subfolder per class, as torchvision's ImageFolder), an .npz or a .pt file "
-                   "(images and labels); 8-bit images are scaled to [0, 1] and normalised with --mean/--std")
-    p.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean the teacher's inputs are "
-                   "normalised with (x - mean) / std, e.g. 0.4914 0.4822 0.4465; also sets the synthesis clamp to "
-                   "the normalised pixel range unless --clamp is given")
-    p.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel std of that normalisation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true")
+    add_eval_args(p)
+    p.add_argument("--eval-digits", action="store_true", help="the same as --eval-data digits")
+    add_run_args(p, "fastkd_out/distill")
     return p
 
 
 def cli_distill(argv) -> int:
-    from fastkd import _run
-    from fastkd import data as _data
-    from fastkd import distill, models
+    from fastkd import distill
     from fastkd.synthesis import SyntheticDataset, cake
-    from fastkd.teachers import save_teacher
 
     p = _distill_parser()
     a = p.parse_args(argv)
-    _positive(a, p, "num_samples", "batch_size", "steps", "epochs", "student_batch_size")
+    positive(p, a, "num_samples", "batch_size", "steps", "epochs", "student_batch_size")
     if not a.student_lr > 0:
         p.error(f"--student-lr must be > 0, got {a.student_lr:g}")
     if not (a.lr[0] > 0 and a.lr[1] > 0):
         p.error(f"--lr START END must be positive step sizes, got {a.lr[0]:g} {a.lr[1]:g}")
-    if (a.mean is None) != (a.std is None):
-        p.error("--mean and --std go together (the teacher's input normalisation)")
-    if a.std is not None and any(v <= 0 for v in a.std):
-        p.error(f"--std values must be > 0, got {' '.join(f'{v:g}' for v in a.std)}")
-    if a.eval_data and a.eval_digits:
-        p.error("--eval-data and --eval-digits: give one of them")
-    syn_kw = synthesis_kwargs(a)
-    _run.claim_out_dir(a.out, a.overwrite)
-    _init_distributed()
-    dev = _device(a.device)
-    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    teacher, info, k, shape = resolve_teacher(a, dev)
-    normalize = None
-    if a.mean is not None:
-        for flag, v in (("--mean", a.mean), ("--std", a.std)):
-            if len(v) not in (1, shape[0]):
-                raise _run.UsageError(f"{flag}: give 1 or {shape[0]} values (the teacher's input channels), "
-                                      f"got {len(v)}")
-        normalize = {"mean": list(a.mean), "std": list(a.std)}
-        if syn_kw["clamp"] is None:
-            syn_kw["clamp"] = pixel_range(a.mean, a.std)
-    eval_data = None
+    check_eval_args(p, a)
     if a.eval_digits:
-        _, _, x_te, y_te = _data.digits(shape[-1])
-        eval_data = (x_te, y_te)
-    elif a.eval_data:
-        eval_data = _data.load_labelled(a.eval_data, input_shape=shape, mean=a.mean, std=a.std)
-        if int(eval_data[1].max()) >= k or int(eval_data[1].min()) < 0:
-            raise _run.UsageError(f"--eval-data {a.eval_data}: labels run to {int(eval_data[1].max())} but the "
-                                  f"teacher has {k} classes")
-    rank = _rank()
+        if a.eval_data:
+            p.error("--eval-data and --eval-digits: give one of them")
+        a.eval_data = "digits"
+    syn_kw = synthesis_kwargs(a)
+    from fastkd import _run
+
+    _run.claim_out_dir(a.out, a.overwrite)
+    _dist.init_from_env()
+    dev = _dist.device(a.device)
+    teacher, info, k, shape = resolve_teacher(a, dev)
+    normalize = normalization(a, shape)
+    if normalize and syn_kw["clamp"] is None:
+        syn_kw["clamp"] = pixel_range(a.mean, a.std)
+    eval_data = load_eval(a, shape, k)
     torch.manual_seed(a.seed)
-    try:  # the student must take the teacher's inputs: checked before any synthesis
-        student = models.build(a.student, num_classes=k, in_channels=shape[0], **student_kwargs(a.student, shape))
-        with torch.no_grad():
-            student.eval()(torch.zeros((2, *shape)))
-    except Exception as e:
-        raise _run.UsageError(f"--student {a.student} cannot take the teacher's inputs of shape "
-                              f"{','.join(map(str, shape))}: {' '.join(str(e).split())[:200]}") from None
-    student.train().to(dev)
+    student = build_student(a, k, shape).to(dev)
     if a.data:
         ds = SyntheticDataset.load(a.data)
     else:
@@ -582,17 +417,13 @@ def cli_distill(argv) -> int:
                               progress=not a.quiet, device=dev,
                               augment=None if a.augment == "none" or len(shape) != 3 else a.augment,
                               teacher=teacher if a.augment != "none" else None)
-    if rank != 0:
+    if _dist.rank() != 0:
         return 0
-    student_path = save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=k,
-                                in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape),
-                                normalize=normalize)
-    script_path = export_torchscript(student, shape, os.path.join(a.out, "student.torchscript.pt"), log=_log)
     try:
         save_sample_grid(ds, os.path.join(a.out, "samples.png"))
     except ImportError:
         _log("matplotlib is not installed: no sample grid written")
-    summary = {"method": a.method, "teacher": a.teacher, "student": a.student, "seed": a.seed,
+    summary = {"teacher": a.teacher, "seed": a.seed,
                "synthesis": {k2: v for k2, v in ds.meta.items() if isinstance(v, (int, float, str, list, type(None)))},
                "student_history": h.to_dict()}
     if eval_data is not None:
@@ -601,15 +432,5 @@ def cli_distill(argv) -> int:
         print(f"teacher {100 * summary['teacher_accuracy']:.2f}%  student {100 * h.final_accuracy:.2f}%")
     check_x, what = (eval_data[0], "the held-out inputs") if eval_data is not None else (ds.inputs,
                                                                                         "the synthetic inputs")
-    try:
-        summary["student_check"] = _run.finish_student(student, teacher, check_x, what=what, log=_log)
-    except distill.StudentCollapsedError as e:
-        summary["status"] = f"failed: {e}"
-        raise
-    finally:
-        summary["run"] = _run.run_record(a.seed)
-        summary.setdefault("status", "ok")
-        _run.write_summary(a.out, summary)
-    print(f"student written to {student_path}; load it with fastkd.teachers.load_teacher({student_path!r})"
-          + (f", or without fastkd: torch.jit.load({script_path!r})" if script_path else ""))
-    return 0
+    return finish(a, method=a.method, student=student, teacher=teacher, shape=shape, num_classes=k,
+                  check_x=check_x, what=what, summary=summary, normalize=normalize, log=_log)

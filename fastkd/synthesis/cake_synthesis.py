@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _dist, ops
 from .._progress import Progress
 from ..nn.cake import CAKELoss
 from .dataset import SyntheticDataset
@@ -410,9 +410,7 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
     device = torch.device(device)
     use_amp = (device.type == "cuda") if amp is None else bool(amp)
 
-    from ..distill import distributed_info
-
-    rank, world = distributed_info()
+    rank, world = _dist.info()
     if distributed is False:
         rank, world = 0, 1
     elif distributed and world == 1:
@@ -462,10 +460,10 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
     done: set[int] = set()
     if out_dir is not None:
         if world > 1 and rank != 0:
-            _barrier()  # rank 0 checks and writes the manifest first
+            _dist.barrier()  # rank 0 checks and writes the manifest first
         done = _prepare_out_dir(out_dir, manifest, rank)
         if world > 1 and rank == 0:
-            _barrier()
+            _dist.barrier()
     mine = [b for b in range(num_batches) if b % world == rank]
     todo = [b for b in mine if b not in done]
 
@@ -516,7 +514,7 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
     seconds = time.perf_counter() - t_start
 
     if world > 1:
-        _barrier()
+        _dist.barrier()
         if out_dir is None:
             import torch.distributed as dist
 
@@ -610,12 +608,6 @@ def synthesis_step(teacher, x, y, groups, loss_fn, lr, *, noise_std=0.0, clamp=N
     ops.langevin_step_(x, g, lr, noise_std=noise_std, clamp=tuple(clamp) if clamp else None,
                        tv_weight=w_tv, tv_p=1, seed=seed, backend=backend)
     return x
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 def lake(teacher: nn.Module, **kwargs) -> SyntheticDataset:
