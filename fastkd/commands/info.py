@@ -1,4 +1,6 @@
-"""`fastkd info`: versions, the compiled extension and each backend's state."""
+"""`fastkd info`: versions, the compiled extension and each backend's state; with
+``--check``, every available backend of every op run against the reference on each
+device (see fastkd.selfcheck)."""
 import platform
 
 
@@ -51,9 +53,20 @@ def _run(args) -> int:
     print("backends:")
     for name, st in fastkd.backends().items():
         print(f"  {name:<7} {'available' if st.available else 'unavailable':<12} {st.reason}")
+    if args.check:
+        from fastkd import selfcheck
+
+        return selfcheck.main()
     return 0
 
 
 def register(sub) -> None:
-    s = sub.add_parser("info", help="show versions, the compiled kernels and which backends can run here")
+    s = sub.add_parser("info", help="show versions, the compiled kernels and which backends can run here",
+                       description="Show versions, the compiled kernels and which backends can run here. "
+                                   "--check also runs every available backend of every op against the "
+                                   "plain-PyTorch reference on each device present and prints a pass/fail "
+                                   "table (exit status 1 if any check fails).")
+    s.add_argument("--check", action="store_true",
+                   help="run every available backend of every op against the reference on small inputs "
+                        "(Triton on the CPU under TRITON_INTERPRET=1)")
     s.set_defaults(func=_run)
