@@ -45,13 +45,15 @@ def format_floats(a: np.ndarray) -> str:
         return "[]"
     if not np.isfinite(flat).all():
         raise ValueError("format_floats: NaN or Inf cannot be sent as JSON")
-    step = 16384
-    fmt = ",".join(["%.9g"] * step)
     parts = []
-    for i in range(0, flat.size, step):
-        chunk = tuple(flat[i:i + step].tolist())
-        parts.append((fmt if len(chunk) == step else ",".join(["%.9g"] * len(chunk))) % chunk)
+    for i in range(0, flat.size, _STEP):
+        chunk = tuple(flat[i:i + _STEP].tolist())
+        parts.append((_FMT if len(chunk) == _STEP else ",".join(["%.9g"] * len(chunk))) % chunk)
     return "[" + ",".join(parts) + "]"
+
+
+_STEP = 16384
+_FMT = ",".join(["%.9g"] * _STEP)
 
 
 def json_data(a: np.ndarray, datatype: str) -> str:
