@@ -147,3 +147,28 @@ def test_cli_errors_before_any_work(files, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and flag in err and len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
         assert not os.path.exists(os.path.join(out, "synthetic")), "no synthesis before the check"
+
+
+@pytest.mark.parametrize("fmt", ["export", "state_dict"])
+def test_tadfkd_torchvision_teacher(files, fmt, tmp_path, capsys):
+    """The same flags for TA-DFKD (its teacher needs BatchNorm layers: ResNet-18 has them)."""
+    d, _, formats = files
+    run = tmp_path / "run"
+    argv = ["distill", "--method", "tadfkd", "--teacher", *formats[fmt], "--student", "torchvision:resnet18",
+            "--eval-data", str(d / "eval"), "--mean", "0.5", "--std", "0.25", "--out", str(run),
+            "--iterations", "2", "--student-steps", "1", "--batch-size", "4", "--nz", "8", "--ngf", "4",
+            "--eval-every", "0", "--quiet", "--device", "cpu"]
+    if fmt == "export":  # an exported graph has no BatchNorm modules to hook: one line says so
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no BatchNorm layer" in err and len(err.strip().splitlines()) == 1
+        argv += ["--bn-weight", "0"]
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "ok" and s["method"] == "tadfkd" and 0.0 <= s["final_test_acc"] <= 1.0
+    assert s["run"]["command"].startswith("fastkd") and s["student_check"]["checked_on"] == "the held-out inputs"
+    student, info = load_teacher(str(run / "student.pt"))
+    assert info["model"] == "torchvision:resnet18" and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert (run / "student.torchscript.pt").exists() and (run / "samples.png").exists()

@@ -114,7 +114,7 @@ def test_cli_distill_writes_summary_and_grid(tmp_path, monkeypatch):
     torch.save(_teacher().state_dict(), cache / "digits_cnn_bn_s8_seed0.pt")
     monkeypatch.setenv("FASTKD_CACHE", str(cache))
     out = tmp_path / "run"
-    rc = tadfkd.cli_distill(["--teacher", "digits:cnn_bn", "--image-shape", "1,8,8", "--out", str(out),
+    rc = tadfkd.cli_distill(["--teacher", "digits:cnn_bn", "--input-shape", "1,8,8", "--out", str(out),
                              "--cache", str(cache), "--iterations", "2", "--student-steps", "2",
                              "--batch-size", "8", "--nz", "8", "--ngf", "4", "--quiet"])
     assert rc == 0

@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +186,10 @@ def distill(teacher: nn.Module, student: nn.Module, *, config: TADFKDConfig | No
         p.requires_grad_(False)
     student = student.to(dev)
     G = Generator(cfg.nz, cfg.ngf, h, c).to(dev)
-    bn = BNStatsLoss(teacher, backend=cfg.backend) if cfg.bn_weight > 0 else None
+    try:
+        bn = BNStatsLoss(teacher, backend=cfg.backend) if cfg.bn_weight > 0 else None
+    except ValueError as e:
+        raise ValueError(f"tadfkd: {e} (bn_weight=0, --bn-weight 0 on the command line)") from None
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
@@ -336,22 +339,6 @@ def save_sample_grid(G: Generator, teacher: nn.Module, path: str, n: int = 64, s
 
 
 # --------------------------------------------------------------------------- CLI
-def _config_args(p: argparse.ArgumentParser, defaults: TADFKDConfig) -> None:
-    g = p.add_argument_group("TA-DFKD hyper-parameters")
-    for f in fields(TADFKDConfig):
-        v = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, bool):
-            g.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=v,
-                           metavar="BOOL", help=f"(default: {v})")
-        else:
-            g.add_argument(flag, type=type(v), default=v, help=f"(default: {v})")
-
-
-def _config_from(args) -> TADFKDConfig:
-    return TADFKDConfig(**{f.name: getattr(args, f.name) for f in fields(TADFKDConfig)})
-
-
 def _summary(res: dict, extra: dict) -> dict:
     out = {k: v for k, v in res.items() if k != "generator"}
     out.update(extra)
@@ -386,80 +373,87 @@ def _default_cache() -> str:
 
 
 def cli_distill(argv) -> int:
-    from .. import data, models
+    from .. import _dist, _run
     from ..distill import evaluate
+    from ._cli import (add_config_args, add_eval_args, add_run_args, add_student_args, add_teacher_args,
+                       build_student, check_eval_args, config_from, finish, load_eval, normalization,
+                       resolve_teacher, shape_arg)
 
     p = _Parser(prog="fastkd distill --method tadfkd",
-                                description="TA-DFKD: generator-based data-free distillation without a "
-                                            "class prior, with on-device GMM sample selection.")
+                description="TA-DFKD: generator-based data-free distillation without a class prior, with on-device "
+                            "GMM sample selection. The teacher needs BatchNorm layers (the BN-statistics term).")
     p.add_argument("--method", default=METHOD)
-    p.add_argument("--teacher", default="digits:cnn_bn",
-                   help="teacher file (fastkd teacher checkpoint, TorchScript or state_dict with "
-                        "--teacher-model), or digits:ARCH to train/load a digits teacher of that "
-                        "architecture (default: %(default)s)")
-    p.add_argument("--teacher-model", help="model name for a plain state_dict teacher")
-    p.add_argument("--teacher-epochs", type=int, default=40, help="training epochs of a digits:ARCH teacher")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image-shape", default="1,16,16", help="C,H,W of the teacher's inputs (default: %(default)s)")
-    p.add_argument("--student", default="cnn_half", help="student model name (default: %(default)s)")
-    p.add_argument("--eval", default="digits", choices=["digits", "fmnist", "none"],
-                   help="evaluate on the digits or the Fashion-MNIST (32x32) test split (only meaningful for "
-                        "teachers of that data set)")
-    p.add_argument("--out", default="runs/tadfkd", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache", default=_default_cache(), help="where digits teachers are cached")
-    p.add_argument("--quiet", action="store_true")
-    _config_args(p, TADFKDConfig())
+    add_teacher_args(p, required=False)
+    p.set_defaults(teacher="digits:cnn_bn")
+    p.add_argument("--image-shape", dest="input_shape", type=shape_arg, help=argparse.SUPPRESS)  # older name
+    g = p.add_argument_group("digits teachers")
+    g.add_argument("--teacher-epochs", type=int, default=40,
+                   help="--teacher digits:ARCH trains (once, then cached) a digits teacher of that fastkd "
+                        "architecture for this many epochs (%(default)s); the default teacher is digits:cnn_bn")
+    g.add_argument("--cache", default=_default_cache(), help="where digits teachers are cached (%(default)s)")
+    add_student_args(p, default="cnn_half", training=False)
+    add_eval_args(p)
+    p.add_argument("--eval", dest="eval_data", help=argparse.SUPPRESS)  # older name of --eval-data
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # set by `fastkd demo --quick`
+    add_run_args(p, "fastkd_out/tadfkd", seed=False)
+    add_config_args(p, TADFKDConfig(), "TA-DFKD hyper-parameters (the student trains with lr_s, batch_size)")
     args = p.parse_args(argv)
+    check_eval_args(p, args)
+    if args.teacher_epochs < 1:
+        p.error(f"--teacher-epochs must be a positive integer, got {args.teacher_epochs}")
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    cfg = _config_from(args)
     try:
-        shape = tuple(int(v) for v in args.image_shape.split(","))
-        assert len(shape) == 3
-    except Exception:
-        raise SystemExit(f"fastkd distill --method tadfkd: --image-shape must be C,H,W, got {args.image_shape!r}")
+        cfg = config_from(args, TADFKDConfig).validate()
+    except ValueError as e:  # "tadfkd: NAME must ...": name the option
+        name, _, rest = str(e).removeprefix("tadfkd: ").partition(" ")
+        p.error(f"--{name.replace('_', '-')} {rest}")
+    _run.claim_out_dir(args.out, args.overwrite)
+    dev = _dist.device(args.device)
     teacher_acc = None
     if args.teacher.startswith("digits:"):
-        size = shape[1]
-        teacher, teacher_acc = _digits_teacher(args.teacher.split(":", 1)[1], size, 0, args.cache,
-                                               not args.quiet, say, epochs=args.teacher_epochs)
+        shape = args.input_shape or (1, 16, 16)
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
+            raise _run.UsageError(f"--input-shape {','.join(map(str, shape))}: a digits teacher takes 1,S,S images")
+        arch = args.teacher.split(":", 1)[1]
+        from .. import models
+
+        if arch not in models.names():
+            raise _run.UsageError(f"--teacher digits:{arch}: unknown fastkd architecture; one of "
+                                  f"{', '.join(models.names())}")
+        teacher, teacher_acc = _digits_teacher(arch, shape[1], 0, args.cache, not args.quiet, say,
+                                               epochs=args.teacher_epochs)
+        k = 10
+        if args.eval_data is None:
+            args.eval_data = "digits"
     else:
-        try:
-            from ..teachers import load_teacher
-        except ImportError:
-            raise SystemExit("fastkd distill --method tadfkd: loading teacher files needs fastkd.teachers")
-        teacher, _info = load_teacher(args.teacher, model=args.teacher_model, num_classes=args.num_classes,
-                                      in_channels=shape[0])
-    eval_data = None
-    if args.eval in ("digits", "fmnist"):
-        if args.eval == "digits":
-            _, _, x_te, y_te = data.digits(shape[1])
-        else:
-            try:
-                _, _, x_te, y_te = data.fmnist(shape[1])
-            except FileNotFoundError as e:
-                p.error(str(e))
-        eval_data = (x_te, y_te)
-        if teacher_acc is None:
-            teacher_acc = evaluate(teacher, eval_data)
-    student = models.create(args.student, num_classes=args.num_classes, in_channels=shape[0],
-                            input_size=int(shape[-1]))
+        teacher, _info, k, shape = resolve_teacher(args, torch.device("cpu"))
+        if args.eval_data is None and args.teacher in ("fmnist", "fmnist-bn"):
+            args.eval_data = "fmnist"
+    normalize = normalization(args, shape)
+    eval_data = load_eval(args, shape, k)
+    if eval_data is not None and teacher_acc is None:
+        teacher_acc = evaluate(teacher, eval_data)
+    torch.manual_seed(cfg.seed)
+    student = build_student(args, k, shape)
     say(f"tadfkd: seed {cfg.seed}, config {json.dumps(asdict(cfg))}")
-    res = distill(teacher, student, config=cfg, image_shape=shape, eval_data=eval_data, device=args.device,
+    res = distill(teacher, student, config=cfg, image_shape=shape, eval_data=eval_data, device=dev,
                   progress=not args.quiet, log=say)
-    os.makedirs(args.out, exist_ok=True)
     grid = save_sample_grid(res["generator"], teacher, os.path.join(args.out, "samples.png"))
-    torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
-    summ = _summary(res, {"teacher": args.teacher, "teacher_test_acc": teacher_acc, "student": args.student,
-                          "samples_png": grid, "student_path": os.path.join(args.out, "student.pt")})
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summ, f, indent=1)
     acc = res["final_test_acc"]
     print(f"tadfkd: teacher {args.teacher} test acc "
           f"{'n/a' if teacher_acc is None else f'{100 * teacher_acc:.2f}%'}, student {args.student} "
           f"test acc {'n/a' if acc is None else f'{100 * acc:.2f}%'} ({res['seconds']:.0f} s); "
           f"wrote {args.out}/summary.json, {grid}")
-    return 0
+    if eval_data is not None:
+        check_x, what = eval_data[0], "the held-out inputs"
+    else:
+        res["generator"].train()
+        with torch.no_grad():
+            check_x, what = res["generator"].sample(1024, torch.Generator().manual_seed(1)).cpu(), "generated inputs"
+    summ = _summary(res, {"teacher": args.teacher, "teacher_test_acc": teacher_acc, "samples_png": grid,
+                          "seed": cfg.seed})
+    return finish(args, method=METHOD, student=student.cpu(), teacher=teacher.cpu(), shape=shape, num_classes=k,
+                  check_x=check_x, what=what, summary=summ, normalize=normalize, log=say, smoke=args.smoke)
 
 
 def cli_demo(argv) -> int:
@@ -482,13 +476,13 @@ def cli_demo(argv) -> int:
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     args, rest = p.parse_known_args(argv)
     iters = 3 if args.quick else args.iterations
-    extra = ["--student-steps", "2", "--eval-every", "0", "--teacher-epochs", "1"] if args.quick else []
+    extra = ["--student-steps", "2", "--eval-every", "0", "--teacher-epochs", "1", "--smoke"] if args.quick else []
     if args.data == "fmnist":
-        return cli_distill(["--teacher", "fmnist-bn", "--eval", "fmnist", "--student", "lenet5_half",
-                            "--out", args.out, "--image-shape", "1,32,32", "--batch-size",
+        return cli_distill(["--teacher", "fmnist-bn", "--eval-data", "fmnist", "--student", "lenet5_half",
+                            "--out", args.out, "--overwrite", "--input-shape", "1,32,32", "--batch-size",
                             str(16 if args.quick else args.batch_size), "--iterations", str(iters),
-                            "--seed", str(args.seed)] + extra[:4] + rest)
-    return cli_distill(["--teacher", f"digits:{args.teacher_arch}", "--out", args.out,
-                        "--image-shape", f"1,{args.size},{args.size}", "--batch-size",
+                            "--seed", str(args.seed)] + extra[:4] + extra[-1:] + rest)
+    return cli_distill(["--teacher", f"digits:{args.teacher_arch}", "--out", args.out, "--overwrite",
+                        "--input-shape", f"1,{args.size},{args.size}", "--batch-size",
                         str(16 if args.quick else args.batch_size),
                         "--iterations", str(iters), "--seed", str(args.seed)] + extra + rest)
