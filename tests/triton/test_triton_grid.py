@@ -145,8 +145,10 @@ def test_contrastive_no_pairs_is_zero():
 
 
 @pytest.mark.parametrize("noise_std", [0.0, 0.3])
-@pytest.mark.parametrize("shape,tv_weight", [((3, 5, 7, 11), 0.0), ((2, 3, 37, 70), 0.7)],
-                         ids=["2 programs", "6 planes x 3 row tiles"])
+@pytest.mark.parametrize("shape,tv_weight", [((3, 5, 7, 11), 0.0), ((2, 3, 37, 70), 0.7), ((2, 3, 37, 72), 0.7),
+                                             ((1, 2, 9, 4), 0.7)],
+                         ids=["2 programs", "6 planes x 3 row tiles", "W % 4 == 0: one draw per block",
+                              "W = 4"])
 def test_langevin_several_programs(shape, tv_weight, noise_std):
     # 1155 elements: 289 Philox blocks, 2 programs of 256; with TV, 128-wide tiles of 16 rows.
     # Without noise a float64 step is exact; the normals themselves are float32.

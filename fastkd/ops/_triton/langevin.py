@@ -4,7 +4,10 @@ Noise is generated in the kernel with the same Philox4x32-10 + Box-Muller stream
 other backends. Without the TV prior each program owns BLOCK_J Philox blocks (4*BLOCK_J
 consecutive elements). With it each program walks one (sample, channel) plane in tiles
 of rows; the old values of the row above a tile are carried from the previous tile and
-a barrier separates the tile's reads from its writes, so updating in place is safe.
+a barrier separates the tile's reads from its writes, so updating in place is safe. When
+W is a multiple of 4 the four elements of a Philox block lie in one row, and a tile draws
+each block once (one Philox and two Box-Muller per 4 elements); otherwise each element
+draws its own block and keeps one of its four normals.
 
 The float arguments (lr, noise_std, the clamp bounds, the TV weight) arrive as float64 bit
 patterns (see ._launch) so that a float64 step is exact.
@@ -126,7 +129,8 @@ def _tvg(d, P: tl.constexpr):
 @triton.jit(do_not_specialize=_DATA + ["tvw_b", "terms"])
 def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr_b, sd_ptr, sd_b, lo_b, hi_b, tvw_b, terms, k0, k1,
                     LR_T: tl.constexpr, SD_T: tl.constexpr, NOISE: tl.constexpr, CLAMP: tl.constexpr,
-                    P: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr):
+                    P: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BW: tl.constexpr,
+                    QUAD: tl.constexpr):
     lr = from_bits(lr_b, ACC)
     sd = from_bits(sd_b, ACC)
     lo = from_bits(lo_b, ACC)
@@ -168,12 +172,21 @@ def _step_tv_kernel(x_ptr, g_ptr, C, H, W, lr_ptr, lr_b, sd_ptr, sd_b, lo_b, hi_
             + tl.where(has_up, _tvg(c - up, P), zero) - tl.where(md, _tvg(down - c, P), zero)
         v = c - lrv * (tl.load(g_ptr + base + off, mask=m, other=0.0).to(ACC) + tvs * gt)
         if NOISE:
-            e = base + off
-            j = e // 4
-            lane = e % 4
-            u0, u1, u2, u3 = _philox((j & 0xFFFFFFFF).to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
-            zc, zs = _box_muller(tl.where(lane < 2, u0, u2), tl.where(lane < 2, u1, u3))
-            z = tl.where((lane % 2) == 0, zc, zs)
+            if QUAD:
+                # W % 4 == 0: element (row, 4q + i) is lane i of block (base + row W) / 4 + q
+                jq = (base + rows[:, None].to(tl.int64) * W) // 4 + tl.arange(0, BW // 4)[None, :]
+                u0, u1, u2, u3 = _philox((jq & 0xFFFFFFFF).to(tl.uint32), (jq >> 32).to(tl.uint32), k0, k1)
+                z0, z1 = _box_muller(u0, u1)
+                z2, z3 = _box_muller(u2, u3)
+                # (R, BW/4, 2, 2) with [.., k, i] = z_{2k+i}, row-major: the lanes in order
+                z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [R, BW])
+            else:
+                e = base + off
+                j = e // 4
+                lane = e % 4
+                u0, u1, u2, u3 = _philox((j & 0xFFFFFFFF).to(tl.uint32), (j >> 32).to(tl.uint32), k0, k1)
+                zc, zs = _box_muller(tl.where(lane < 2, u0, u2), tl.where(lane < 2, u1, u3))
+                z = tl.where((lane % 2) == 0, zc, zs)
             v = v + sdv * z.to(ACC)
         if CLAMP:
             v = tl.minimum(tl.maximum(v, lo), hi)
@@ -218,4 +231,4 @@ def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr_t: torch.Tensor | Non
         wt(_step_tv_kernel)[grid_1d(N * C, "langevin_step_")](
             x, grad, C, H, W, lr_buf, lr_b, sd_buf, sd_b, lo_b, hi_b, f64_bits(tv_weight), terms, k0, k1,
             LR_T=lr_t is not None, SD_T=std_t is not None, NOISE=noise, CLAMP=do_clamp, P=tv_p, ACC=acc,
-            R=R, BW=BW)
+            R=R, BW=BW, QUAD=W % 4 == 0)
