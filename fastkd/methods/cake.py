@@ -106,34 +106,21 @@ def noise_baseline(teacher, student, *, num_samples: int, input_shape, epochs: i
 
 
 def save_sample_grid(ds, path: str, per_class: int = 8, title: str | None = None) -> str:
-    """PNG grid of synthesized samples: one row per class, ``per_class`` columns."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG grid of synthesized samples: one row per class, ``per_class`` columns spread over
+    the step-size schedule (early to late batches)."""
+    from fastkd.viz import save_image_grid
 
     k = ds.num_classes
-    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.9 + 0.5))
+    cells, titles = [], []
+    blank = torch.full_like(ds.inputs[0], float("nan")) if len(ds) else None
     for c in range(k):
         idx = torch.nonzero(ds.labels == c).flatten()
-        # spread the columns over the step-size schedule (early to late batches)
         pick = idx[torch.linspace(0, len(idx) - 1, per_class).long()] if len(idx) else idx
         for j in range(per_class):
-            ax = axes[c, j] if k > 1 else axes[j]
-            ax.axis("off")
-            if j < len(pick):
-                img = ds.inputs[pick[j]]
-                img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-                img = (img - img.min()) / (img.max() - img.min() + 1e-8)
-                ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None)
-                if j == 0:
-                    ax.set_title(f"{c}", fontsize=7, loc="left")
-    fig.suptitle(title or "synthesized samples (rows: intended class)", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            cells.append(ds.inputs[pick[j]] if j < len(pick) else blank)
+            titles.append(str(c) if j == 0 else "")
+    return save_image_grid(torch.stack(cells), path, ncols=per_class, titles=titles,
+                           title=title or "synthesized samples (rows: intended class)")
 
 
 def _fmt_table(rows) -> str:

@@ -308,10 +308,7 @@ def save_sample_grid(G: Generator, teacher: nn.Module, path: str, n: int = 64, s
                      title: str = "") -> str:
     """PNG grid of ``n`` generated samples, each titled with the teacher's class and whether
     the GMM selection keeps it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..viz import save_image_grid
 
     G.train()  # batch statistics, as during distillation
     with torch.no_grad():
@@ -319,23 +316,9 @@ def save_sample_grid(G: Generator, teacher: nn.Module, path: str, n: int = 64, s
         t = teacher(x)
         keep = ops.gmm_select(selection_scores(t), nan_policy="omit")
     x, t, keep = x[:n].cpu(), t[:n].cpu(), keep[:n].cpu()
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25))
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        img = x[i].permute(1, 2, 0).squeeze(-1).numpy()
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        ax.set_title(f"{int(t[i].argmax())}{'' if keep[i] else ' x'}", fontsize=7,
-                     color="black" if keep[i] else "red")
-    fig.suptitle(title or "TA-DFKD generated samples (teacher class; red x = rejected by the GMM)", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_image_grid(x, path, titles=[f"{int(t[i].argmax())}{'' if keep[i] else ' x'}" for i in range(n)],
+                           colors=["black" if keep[i] else "red" for i in range(n)],
+                           title=title or "TA-DFKD generated samples (teacher class; red x = rejected by the GMM)")
 
 
 # --------------------------------------------------------------------------- CLI
