@@ -338,3 +338,12 @@ def test_gpu_noise_statistics(backend):
     x = torch.zeros(4, 1 << 18, device="cuda")
     langevin_step_(x, torch.zeros_like(x), 0.5, seed=1, backend=backend)
     _assert_normal(x.cpu())
+
+
+def test_default_noise_of_a_float64_per_sample_lr_is_exact():
+    # noise_std defaults to sqrt(2 lr) computed in lr's own dtype, as the reference does
+    x = torch.randn(3, 2, 5, 7, dtype=torch.float64)
+    g = torch.randn_like(x)
+    lr = torch.tensor([0.01, 0.2, 0.07], dtype=torch.float64)
+    got = langevin_step_(x.clone(), g, lr, seed=5, backend="torch")
+    torch.testing.assert_close(got, langevin_step_reference(x, g, lr, seed=5), rtol=1e-15, atol=1e-15)

@@ -145,7 +145,7 @@ def _check(x, grad, lr, noise_std, clamp, tv_weight, tv_p, seed):
         raise TypeError(f"{_OP}: grad must have x's dtype {x.dtype}, got {grad.dtype}")
     lr_t, lr_s = _check_rate("lr", lr, x, allow_zero=False)
     if noise_std is None:
-        std_t, std_s = (torch.sqrt(2.0 * lr_t.to(torch.float32)), 0.0) if lr_t is not None \
+        std_t, std_s = (torch.sqrt(2.0 * lr_t), 0.0) if lr_t is not None \
             else (None, math.sqrt(2.0 * lr_s))
     else:
         std_t, std_s = _check_rate("noise_std", noise_std, x, allow_zero=True)
