@@ -17,6 +17,11 @@ import json
 
 import numpy as np
 
+try:  # parses JSON tensors about 10x faster than the standard library
+    from orjson import loads as _loads
+except ImportError:
+    _loads = json.loads
+
 __all__ = ["ProtocolError", "DTYPES", "INT_TYPES", "FLOAT_TYPES", "HEADER_LENGTH", "BINARY_EXTENSION",
            "format_floats", "json_data", "flatten", "decode_request", "encode_request",
            "decode_response", "encode_response", "wants_binary"]
@@ -106,7 +111,7 @@ def _split(body: bytes, header_length) -> tuple[dict, memoryview]:
     if n > len(body):
         raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has only {len(body)} bytes")
     try:
-        head = json.loads(bytes(body[:n]) if n < len(body) else body)
+        head = _loads(bytes(body[:n]) if n < len(body) else body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"the JSON part of the body is not valid JSON ({e})") from None
     if not isinstance(head, dict):
