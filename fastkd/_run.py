@@ -74,14 +74,16 @@ def write_summary(out_dir: str, summary: dict) -> str:
     return path
 
 
-def finish_student(student, teacher, inputs: torch.Tensor, *, what: str, log=None, limit: int = 4096) -> dict:
+def finish_student(student, teacher, inputs: torch.Tensor, *, what: str, log=None, limit: int = 4096,
+                   teacher_labels: torch.Tensor | None = None) -> dict:
     """Check the trained student against the teacher on up to ``limit`` of ``inputs``
     and print its warnings; raises :class:`fastkd.distill.StudentCollapsedError` for a
     student that predicts one class for nearly everything."""
     from .distill import check_student
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    rep = check_student(student, teacher, inputs[:limit], what=what)
+    rep = check_student(student, teacher, inputs[:limit], what=what,
+                        teacher_labels=None if teacher_labels is None else teacher_labels[:limit])
     for w in rep["warnings"]:
         log(f"warning: {w}")
     return rep

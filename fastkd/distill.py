@@ -131,8 +131,8 @@ class StudentCollapsedError(RuntimeError):
 
 
 @torch.no_grad()
-def check_student(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, *, what: str = "the inputs",
-                  collapse: float = 0.9, batch_size: int = 1024) -> dict:
+def check_student(student: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, *, what: str = "the inputs",
+                  collapse: float = 0.9, batch_size: int = 1024, teacher_labels: torch.Tensor | None = None) -> dict:
     """Is the trained student usable? Compares its predictions with the teacher's on ``inputs``
     (held-out data when there is some, else up to a few thousand synthetic inputs).
 
@@ -141,10 +141,16 @@ def check_student(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, 
     than half of the inputs, or predicts one class for more than half of them. Raises
     :class:`StudentCollapsedError` when the student predicts one class for at least
     ``collapse`` (90 %) of the inputs while the teacher does not (its top class is under half):
-    a student at chance, which a run must not report as a success."""
+    a student at chance, which a run must not report as a success.
+
+    ``teacher_labels``: the teacher's top-1 answers on ``inputs`` when they are known already
+    (a black-box teacher's paid answers); the teacher is then not called."""
     if inputs.shape[0] == 0:
         raise ValueError("check_student: inputs holds no samples")
-    sdev, tdev = _device_of(student, None), _device_of(teacher, None)
+    if teacher is None and teacher_labels is None:
+        raise ValueError("check_student: give the teacher or its answers (teacher_labels)")
+    sdev = _device_of(student, None)
+    tdev = _device_of(teacher, None) if teacher is not None else None
     was = student.training
     student.eval()
     sp, tp = [], []
@@ -152,10 +158,14 @@ def check_student(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, 
         for i in range(0, inputs.shape[0], batch_size):
             xb = inputs[i:i + batch_size]
             sp.append(student(xb.to(sdev)).argmax(1).cpu())
-            tp.append(teacher(xb.to(tdev)).argmax(1).cpu())
+            if teacher_labels is None:
+                tp.append(teacher(xb.to(tdev)).argmax(1).cpu())
     finally:
         student.train(was)
-    s_pred, t_pred = torch.cat(sp), torch.cat(tp)
+    s_pred = torch.cat(sp)
+    t_pred = torch.cat(tp) if teacher_labels is None else teacher_labels.reshape(-1).long().cpu()
+    if t_pred.shape != s_pred.shape:
+        raise ValueError(f"check_student: {t_pred.numel()} teacher_labels for {s_pred.numel()} inputs")
     n = s_pred.numel()
     s_counts, t_counts = torch.bincount(s_pred), torch.bincount(t_pred)
     top = int(s_counts.argmax())

@@ -253,8 +253,8 @@ def test_demo_fmnist_tadfkd_and_mekd_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "td" / "summary.json").read_text())
     assert s["teacher"] == "fmnist-bn" and s["student"] == "lenet5_half" and s["teacher_test_acc"] > 0.9
-    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--method", "mekd", "--data", "fmnist", "--budget",
-                        "300", "--gan-steps", "2", "--epochs", "1", "--out", str(tmp_path / "md"), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--method", "mekd", "--data", "fmnist", "--quick",
+                        "--budget", "300", "--out", str(tmp_path / "md"), "--quiet"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "md" / "summary.json").read_text())

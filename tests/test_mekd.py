@@ -101,27 +101,37 @@ def test_cli_distill_against_served_teacher(tmp_path, capsys):
 
     m = tiny_teacher()
     app = create_app(m, input_shape=[1, 8, 8], num_classes=10, name="digits", response="hard")
+    from fastkd.distill import StudentCollapsedError
+
+    argv = ["--method", "mekd", "--teacher-url", "http://unset",
+            "--response", "hard", "--budget", "150", "--gan-steps", "3", "--epochs", "1", "--edge-fraction", "0.04",
+            "--out", str(tmp_path), "--quiet", "--cache", str(tmp_path / "c.sqlite")]
     with ServerThread(app) as srv:
-        rc = mekd.cli_distill(["--method", "mekd", "--teacher-url", f"{srv.url}/v2/models/digits",
-                               "--response", "hard", "--budget", "150", "--gan-steps", "3", "--epochs", "1",
-                               "--edge-fraction", "0.04",
-                               "--out", str(tmp_path), "--quiet", "--cache", str(tmp_path / "c.sqlite")])
-    assert rc == 0
+        argv[3] = f"{srv.url}/v2/models/digits"
+        # 150 label answers and one epoch teach the student nothing: the run stops with that
+        # error (its files are written), it does not report success
+        with pytest.raises(StudentCollapsedError, match="learned nothing"):
+            mekd.cli_distill(argv)
+        served = app.state.stats["inference_count"]
+        # the classes came from the metadata of a label-only server (num_classes parameter)
+        s = json.loads((tmp_path / "summary.json").read_text())
+        assert s["status"].startswith("failed") and s["config"]["budget"] == 150
+        q = s["results"]["mekd"]["queries"]
+        assert q["queries_paid_total"] <= 150 and served == q["queries_paid_total"]
+        assert os.path.exists(tmp_path / "samples.png") and os.path.exists(tmp_path / "student.pt")
+        # a finished run's folder is refused before any paid query
+        with pytest.raises(ValueError, match="--overwrite"):
+            mekd.cli_distill(argv)
+        assert app.state.stats["inference_count"] == served
     out = capsys.readouterr().out
     assert "mekd" in out and "queries" in out
-    s = json.loads((tmp_path / "summary.json").read_text())
-    q = s["results"]["mekd"]["queries"]
-    assert q["queries_paid_total"] <= 150 and app.state.stats["inference_count"] == q["queries_paid_total"]
-    assert os.path.exists(tmp_path / "samples.png")
 
 
 def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     pytest.importorskip("uvicorn")
     monkeypatch.setattr(mekd, "digits_teacher",
                         lambda **kw: (tiny_teacher(), {"num_classes": 10, "input_shape": (1, 8, 8)}))
-    rc = mekd.cli_demo(["--method", "mekd", "--budget", "140", "--gan-steps", "2", "--epochs", "1",
-                        "--edge-fraction", "0.04",
-                        "--out", str(tmp_path), "--quiet"])
+    rc = mekd.cli_demo(["--method", "mekd", "--quick", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["results"]) == {"mekd", "kd"}

@@ -172,3 +172,34 @@ def test_tadfkd_torchvision_teacher(files, fmt, tmp_path, capsys):
     student, info = load_teacher(str(run / "student.pt"))
     assert info["model"] == "torchvision:resnet18" and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert (run / "student.torchscript.pt").exists() and (run / "samples.png").exists()
+
+
+def test_mekd_served_torchvision_teacher_with_own_edge_data(files, tmp_path, capsys):
+    """MEKD with the same flags: the served model's shape and classes come from the server's
+    metadata, the edge data is the user's image folder, the student a torchvision model."""
+    pytest.importorskip("uvicorn")
+    from fastkd.serve import ServerThread, create_app
+
+    d, m, _ = files
+    app = create_app(m, input_shape=[3, 32, 32], num_classes=10, name="r18", response="soft")
+    run = tmp_path / "run"
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v2/models/r18"
+        common = ["distill", "--method", "mekd", "--teacher-url", url, "--out", str(run), "--quiet",
+                  "--budget", "40", "--gan-steps", "1", "--info-per-step", "0", "--epochs", "1"]
+        # the edge images must fit the served model: one line before any paid query
+        np.savez(tmp_path / "gray.npz", images=np.zeros((4, 28, 28), dtype=np.uint8), labels=np.zeros(4))
+        assert main(common + ["--edge-data", str(tmp_path / "gray.npz")]) == 2
+        err = capsys.readouterr().err
+        assert "--edge-data" in err and "(3, 32, 32)" in err and app.state.stats["inference_count"] == 0
+        rc = main(common + ["--edge-data", str(d / "eval"), "--eval-data", str(d / "eval"),
+                            "--student", "torchvision:resnet18", "--mean", "0.5", "--std", "0.25"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        paid = app.state.stats["inference_count"]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "ok" and s["results"]["mekd"]["queries"]["queries_paid_total"] == paid <= 40
+    assert 0.0 <= s["results"]["mekd"]["test_acc"] <= 1.0 and s["edge_data"] == str(d / "eval")
+    student, info = load_teacher(str(run / "student.pt"))
+    assert info["model"] == "torchvision:resnet18" and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert (run / "student.torchscript.pt").exists()

@@ -132,7 +132,7 @@ FK=$VENV/bin/fastkd
   "$FK" --version &&
   "$FK" demo --method cake --num-samples 60 --steps 2 --epochs 1 --no-baseline --quiet --out demo-cake &&
   "$FK" demo --method lake --num-samples 60 --steps 2 --epochs 1 --no-baseline --quiet --out demo-lake &&
-  "$FK" demo --method mekd --budget 140 --gan-steps 2 --epochs 1 --edge-fraction 0.04 --no-baseline \
+  "$FK" demo --method mekd --quick --no-baseline \
     --quiet --out demo-mekd &&
   "$FK" demo --method tadfkd --quick --out demo-tadfkd >/dev/null)
 step_done "wheel with its declared dependencies only: fastkd demo, every method"

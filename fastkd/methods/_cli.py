@@ -230,22 +230,26 @@ def positive(p: argparse.ArgumentParser, a, *names) -> None:
 
 
 def finish(a, *, method: str, student, teacher, shape, num_classes: int, check_x, what: str, summary: dict,
-           normalize: dict | None = None, log=None, smoke: bool = False) -> int:
+           normalize: dict | None = None, log=None, smoke: bool = False, teacher_labels=None,
+           path: str = "student.pt") -> int:
     """End a run: write the student (checkpoint + TorchScript), check it against the teacher
     (a collapsed student raises after everything is written), write summary.json with the
     run record, and say where things are and how to load them. ``smoke``: a smoke test of the
-    pipeline at a budget too small to learn anything; a collapsed student is only a warning."""
+    pipeline at a budget too small to learn anything; a collapsed student is only a warning.
+    ``teacher_labels``: the teacher's known answers on ``check_x`` (a black-box teacher is not
+    queried again). ``summary`` is completed in place."""
     from ..distill import StudentCollapsedError
     from ..teachers import save_teacher
 
     log = log or _log
-    path = save_teacher(student, os.path.join(a.out, "student.pt"), name=a.student, num_classes=num_classes,
+    path = save_teacher(student, os.path.join(a.out, path), name=a.student, num_classes=num_classes,
                         in_channels=shape[0], input_shape=shape, kwargs=student_kwargs(a.student, shape),
                         normalize=normalize, method=method)
-    script = export_torchscript(student, shape, os.path.join(a.out, "student.torchscript.pt"), log=log)
-    summary = dict(summary, method=method, student=a.student, student_path=path, student_torchscript=script)
+    script = export_torchscript(student, shape, os.path.splitext(path)[0] + ".torchscript.pt", log=log)
+    summary.update(method=method, student=a.student, student_path=path, student_torchscript=script)
     try:
-        summary["student_check"] = _run.finish_student(student, teacher, check_x, what=what, log=log)
+        summary["student_check"] = _run.finish_student(student, teacher, check_x, what=what, log=log,
+                                                       teacher_labels=teacher_labels)
     except StudentCollapsedError as e:
         if not smoke:
             summary["status"] = f"failed: {e}"

@@ -37,11 +37,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastkd._run import Parser as _Parser
 
 METHOD = "mekd"
 
@@ -356,8 +358,8 @@ def _fresh_student(x, t, edge, *, G, num_classes, cfg, eval_data, progress, log,
     from fastkd import models
 
     torch.manual_seed(cfg.seed)
-    student = models.create(cfg.student, num_classes=num_classes, in_channels=edge.shape[1],
-                            input_size=int(edge.shape[-1]))
+    kw = {"input_size": int(edge.shape[-1])} if ":" not in cfg.student else {}
+    student = models.build(cfg.student, num_classes=num_classes, in_channels=edge.shape[1], **kw)
     hist = distill_student(student, x, t, G=G, cfg=cfg, eval_data=eval_data, progress=progress, log=log,
                            n_edge=n_edge)
     return student, hist
@@ -401,8 +403,8 @@ def run_mekd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, 
     return _with_test_acc({"method": "mekd", "config": asdict(cfg), "transfer_set": {"edge": int(e.shape[0]),
                            "deprivatization": int(xg.shape[0]), "generated": int(xs.shape[0])},
                            "history": hist, "seconds": time.perf_counter() - t0, "seconds_deprivatization": t_gan,
-                           "student": student, "generator": G, "samples": xs[:64] if len(xs) else xg[:64]},
-                          eval_data)
+                           "student": student, "generator": G, "samples": xs[:64] if len(xs) else xg[:64],
+                           "paid_check": (e[:4096], te[:4096].argmax(1))}, eval_data)
 
 
 def run_kd(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig, eval_data=None,
@@ -502,6 +504,28 @@ def _edge_data(name: str, **kw):
     return fmnist_edge(**kw) if name == "fmnist" else digits_edge(**kw)
 
 
+def _edge_and_eval(args, shape, num_classes: int):
+    """``(edge images, eval data or None)`` of --edge-data / --eval-data, checked against the
+    served model's input shape and classes before any paid query."""
+    from fastkd import data
+    from fastkd._run import UsageError
+
+    from ._cli import load_eval
+
+    src = args.edge_data
+    if src in ("digits", "fmnist"):
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
+            raise UsageError(f"--edge-data {src}: the bundled sets are 1-channel square images; the served model "
+                             f"takes {','.join(map(str, shape))}")
+        edge, test = _edge_data(src, shift=args.shift, seed=args.seed, fraction=args.edge_fraction, size=shape[-1])
+        if args.eval_data is None:
+            args.eval_data = src
+        return edge, (test if args.eval_data == src else load_eval(args, shape, num_classes))
+    x, _ = data.load_labelled(src, input_shape=shape, mean=args.mean, std=args.std, flag="--edge-data")
+    edge, _ = _edge_from(x, None, shift=args.shift, seed=args.seed, fraction=args.edge_fraction)
+    return edge, load_eval(args, shape, num_classes)
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None = None) -> bool:
     """PNG grid of up to nrow x nrow images; returns False (and writes nothing) when there are none."""
     imgs = images[: nrow * nrow].detach().cpu()
@@ -533,10 +557,13 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--response", choices=["soft", "hard"], default=d.response,
                    help="what the teacher answers: probabilities or the top-1 label (default: %(default)s)")
     p.add_argument("--budget", type=int, default=d.budget, help="maximum paid teacher queries (default: %(default)s)")
+    p.add_argument("--edge-data", default="digits", metavar="PATH|digits|fmnist",
+                   help="your unlabelled local images (an image folder, an .npz or a .pt file; labels, if any, are "
+                        "ignored), or the bundled digits / Fashion-MNIST training split (default: %(default)s)")
     p.add_argument("--shift", default="none", choices=["none", "rotate", "noise", "rotate+noise"],
                    help="distribution gap of the edge data against the teacher's data (default: %(default)s)")
     p.add_argument("--edge-fraction", type=float, default=1.0,
-                   help="part of the digits train split used as edge data (default: all of it)")
+                   help="part of the edge data used (default: all of it)")
     p.add_argument("--tau", type=float, default=d.tau, help="temperature (default: %(default)s)")
     p.add_argument("--w-img", type=float, default=d.w_img, help="weight of the image-matching term (default: %(default)s)")
     p.add_argument("--w-kl", type=float, default=d.w_kl, help="weight of the tau^2 KL term (default: %(default)s)")
@@ -551,8 +578,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="information-term weight: the teacher's probability of the latent's class, or its top "
                         "probability (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="student epochs over the transfer set (default: %(default)s)")
-    p.add_argument("--student", default=d.student, help="student model name (fastkd.models; default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="student SGD learning rate (default: %(default)s)")
+    p.add_argument("--student", default=d.student, metavar="ARCH",
+                   help="student model: a fastkd model name, torchvision:NAME, timm:NAME or package.module:factory "
+                        "(default: %(default)s)")
+    p.add_argument("--student-lr", "--lr", dest="lr", type=float, default=d.lr,
+                   help="student SGD learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default: %(default)s)")
     p.add_argument("--cache", help="SQLite answer cache + budget ledger (reruns and resumes never pay twice)")
     p.add_argument("--max-batch", type=int, default=256, help="samples per teacher request (default: %(default)s)")
@@ -562,8 +592,29 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="extra HTTP header on every teacher request, e.g. 'Authorization: Bearer TOKEN' "
                         "(repeatable)")
     p.add_argument("--baseline", action="store_true", help="also train plain KD on the same edge data and budget")
-    p.add_argument("--out", default="fastkd_out/mekd", help="output folder (default: %(default)s)")
+    from ._cli import add_eval_args
+
+    add_eval_args(p)
+    p.add_argument("--out", default="fastkd_out/mekd", help="output folder (default: %(default)s); a finished run's "
+                   "folder is refused without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _check_args(p, args) -> None:
+    """One line naming the flag for a value that cannot work, before any query."""
+    from ._cli import check_eval_args, positive
+
+    positive(p, args, "budget", "gan_steps", "epochs", "max_batch")
+    if args.info_per_step < 0 or args.retries < 0:
+        p.error(f"--{'info-per-step' if args.info_per_step < 0 else 'retries'} must be >= 0")
+    if not 0.0 < args.edge_fraction <= 1.0:
+        p.error(f"--edge-fraction must be in (0, 1], got {args.edge_fraction:g}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if not args.lr > 0:
+        p.error(f"--student-lr must be > 0, got {args.lr:g}")
+    check_eval_args(p, args)
 
 
 def _cfg(args) -> MEKDConfig:
@@ -585,6 +636,42 @@ def _header(s: str):
     return name.strip(), value.strip()
 
 
+def _served_shapes(meta: dict, num_classes: int | None = None):
+    """(input shape of one sample, number of classes) from the server's model metadata: the
+    width of a probability output, or the ``num_classes`` parameter a label-only server
+    states; ``num_classes`` (--num-classes) when the server says neither."""
+    from fastkd._run import UsageError
+
+    try:
+        shape = tuple(int(v) for v in meta["inputs"][0]["shape"][1:])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UsageError("--teacher-url: the server's model metadata does not give a fixed input shape "
+                         "[-1, C, H, W]") from None
+    said = None
+    for o in meta.get("outputs") or []:
+        shp = o.get("shape") or []
+        if str(o.get("datatype", "")).startswith("FP") and shp and isinstance(shp[-1], int) and shp[-1] > 1:
+            said = int(shp[-1])
+        said = said or (o.get("parameters") or {}).get("num_classes")
+    said = said or (meta.get("parameters") or {}).get("num_classes")
+    if said is not None and num_classes is not None and int(said) != num_classes:
+        raise UsageError(f"--num-classes {num_classes} differs from the served model's {said} classes")
+    k = int(said) if said is not None else num_classes
+    if k is None:
+        raise UsageError("--num-classes is required: the server answers labels and its metadata does not say how "
+                         "many classes there are")
+    if k < 2 or any(v < 1 for v in shape):
+        raise UsageError(f"--teacher-url: the served model's shapes are unusable (input {shape}, {k} classes)")
+    return shape, k
+
+
+def _check_student(args, num_classes: int, shape) -> None:
+    """The student must be buildable for the served inputs before any paid query."""
+    from ._cli import build_student
+
+    build_student(args, num_classes, shape)
+
+
 def _run(args, url: str, model_name: str | None, ident: str) -> dict:
     from fastkd.blackbox import BlackBoxTeacher
 
@@ -593,11 +680,13 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
                             headers=headers)
     meta = probe.metadata()
     probe.close()
-    size = int(meta["inputs"][0]["shape"][-1])
-    edge, test = _edge_data(getattr(args, "data", "digits"), shift=args.shift, seed=args.seed,
-                            fraction=args.edge_fraction, size=size)
-    os.makedirs(args.out, exist_ok=True)
+    shape, num_classes = _served_shapes(meta, getattr(args, "num_classes", None))
+    edge, test = _edge_and_eval(args, shape, num_classes)
     cfg = _cfg(args)
+    _check_student(args, num_classes, shape)
+    from fastkd import _run as _record
+
+    _record.claim_out_dir(args.out, args.overwrite)  # before any paid query
     rows, results = [], {}
     todo = [("mekd", run_mekd)] + ([("kd", run_kd)] if args.baseline else [])
     for name, fn in todo:
@@ -609,49 +698,65 @@ def _run(args, url: str, model_name: str | None, ident: str) -> dict:
                                   headers=headers,
                                   cache=cache, name=f"{ident}:{name}:{args.shift}:{args.seed}" if not cache else None,
                                   verbose=not args.quiet)
-        res = fn(teacher, edge, num_classes=10, cfg=cfg, eval_data=test, progress=not args.quiet, log=_log)
+        res = fn(teacher, edge, num_classes=num_classes, cfg=cfg, eval_data=test, progress=not args.quiet, log=_log)
         st = teacher.stats()
         teacher.close()
         res["queries"] = st
         results[name] = res
-        rows.append((name, res["test_acc"], st["queries_paid_total"], st["bytes_sent"], st["bytes_received"],
+        rows.append((name, res.get("test_acc"), st["queries_paid_total"], st["bytes_sent"], st["bytes_received"],
                      res["seconds"]))
-        torch.save(res["student"].state_dict(), os.path.join(args.out, f"student_{name}.pt"))
+    from fastkd.teachers import save_teacher
+
+    from ._cli import finish
+
+    if "kd" in results:  # the baseline's student, loadable the same way
+        save_teacher(results["kd"]["student"], os.path.join(args.out, "student_kd.pt"), name=args.student,
+                     num_classes=num_classes, in_channels=shape[0], input_shape=shape,
+                     kwargs={"input_size": shape[-1]} if ":" not in args.student else {})
     wrote_grid = "generator" in results.get("mekd", {}) and save_grid(
         results["mekd"]["samples"], os.path.join(args.out, "samples.png"),
         title=f"MEKD generator samples ({args.response} responses, shift={args.shift})")
     summary = {"teacher_url": url, "response": args.response, "budget": args.budget, "shift": args.shift,
-               "seed": args.seed, "config": asdict(cfg),
-               "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("student", "generator", "samples")}
+               "edge_data": args.edge_data, "eval_data": args.eval_data, "seed": args.seed, "config": asdict(cfg),
+               "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("student", "generator", "samples",
+                                                                                "paid_check")}
                            for k, v in results.items()}}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
     print(f"{'method':<6} {'test acc':>9} {'queries':>8} {'MB sent':>8} {'MB recv':>8} {'time s':>7}")
     for name, acc, q, bs, br, sec in rows:
-        print(f"{name:<6} {100 * acc:>8.2f}% {q:>8d} {bs / 1e6:>8.2f} {br / 1e6:>8.2f} {sec:>7.0f}")
+        acc_s = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        print(f"{name:<6} {acc_s:>9} {q:>8d} {bs / 1e6:>8.2f} {br / 1e6:>8.2f} {sec:>7.0f}")
     print(f"budget {args.budget}, response {args.response}, shift {args.shift}, seed {args.seed}; "
           f"summary: {os.path.join(args.out, 'summary.json')}"
           + (f", samples: {os.path.join(args.out, 'samples.png')}" if wrote_grid else ""))
+    x_chk, t_chk = results["mekd"]["paid_check"]
+    finish(args, method=METHOD, student=results["mekd"]["student"], teacher=None, shape=shape,
+           num_classes=num_classes, check_x=x_chk, what="the edge images (against the teacher's paid answers)",
+           summary=summary, normalize=None if args.mean is None else {"mean": args.mean, "std": args.std},
+           log=_log, smoke=getattr(args, "quick", False), teacher_labels=t_chk)
     return summary
 
 
 def cli_distill(argv) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastkd distill --method mekd",
         description="MEKD black-box distillation of a teacher served with the Open Inference Protocol "
-                    "(e.g. `fastkd serve-teacher digits --port 8000`), using the digits train split as "
-                    "unlabeled edge data and the test split for evaluation.")
+                    "(e.g. `fastkd serve-teacher digits --port 8000`): the input shape and classes come from the "
+                    "server's metadata, the unlabelled local images from --edge-data (default: the digits train "
+                    "split, evaluated on its test split).")
     p.add_argument("--teacher-url", required=True,
                    help="http://HOST:PORT/v2/models/NAME (or http://HOST:PORT with --model-name)")
+    p.add_argument("--num-classes", type=int, help="number of classes, when the server answers labels and its "
+                   "metadata does not say")
     p.add_argument("--model-name", help="served model name when not in the URL")
     _common_args(p)
     args = p.parse_args(argv)
+    _check_args(p, args)
     _run(args, args.teacher_url, args.model_name, args.teacher_url)
     return 0
 
 
 def cli_demo(argv) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastkd demo --method mekd",
         description="Start a local Open Inference Protocol server (127.0.0.1) with the digits teacher, "
                     "run MEKD (and plain KD) against it within the query budget, print a table with the "
@@ -659,12 +764,24 @@ def cli_demo(argv) -> int:
     _common_args(p)
     p.set_defaults(baseline=True)
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-KD baseline")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (a smoke test of the whole pipeline: a "
+                   "student that learned nothing is only a warning)")
+    p.set_defaults(overwrite=True)  # the demo replaces its own previous results
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--data", choices=["digits", "fmnist"], default="digits",
                    help="digits (bundled) or fmnist: the bundled Fashion-MNIST LeNet-5 behind the server, the "
                         "unlabelled 32x32 training images as edge data, student lenet5_half (needs apt-get "
                         "install dataset-fashion-mnist)")
     args = p.parse_args(argv)
+    _check_args(p, args)
+    if args.quick:  # tiny values for whatever was not given explicitly
+        d = MEKDConfig()
+        for k, v, default in (("budget", 140, d.budget), ("gan_steps", 2, d.gan_steps), ("epochs", 1, d.epochs),
+                              ("edge_fraction", 0.04, 1.0)):
+            if getattr(args, k) == default:
+                setattr(args, k, v)
+    if args.edge_data == "digits":
+        args.edge_data = args.data
     from fastkd.distill import evaluate
     from fastkd.serve import ServerThread, create_app
 
