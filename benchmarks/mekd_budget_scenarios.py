@@ -1,7 +1,7 @@
 """Two end-to-end budget scenarios of `fastkd distill --method mekd` against `fastkd serve-teacher`.
 
-1. *Server killed mid-run*: the server is killed with SIGKILL while the client is asking
-   and restarted a second later; the client retries through the restart (a request lost
+1. *Server killed mid-run*: the server is killed with SIGKILL while a request is out (a
+   ledger row in state 'sent') and restarted a second later; the client retries through the restart (a request lost
    with the server is charged: its fate is unknown), finishes, and a rerun of the same
    command finishes again without paying.
 2. *Two identical runs at once* sharing one cache file and one budget.
@@ -47,10 +47,23 @@ def _client(port: int, args, cache: str, out: str):
 
 
 def _ledger(cache: str):
-    with sqlite3.connect(cache) as c:
+    c = sqlite3.connect(cache, timeout=60)
+    try:
         paid = c.execute("SELECT COALESCE(SUM(n), 0) FROM ledger WHERE state='paid'").fetchone()[0]
         distinct = c.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    except sqlite3.OperationalError:  # the client has not created its tables yet
+        return 0, 0
+    finally:
+        c.close()
     return paid, distinct
+
+
+def _in_flight(cache: str) -> bool:
+    c = sqlite3.connect(cache, timeout=60)
+    try:
+        return c.execute("SELECT COUNT(*) FROM ledger WHERE state='sent'").fetchone()[0] > 0
+    finally:
+        c.close()
 
 
 def _transfer(out: str):
@@ -83,6 +96,8 @@ def main(argv=None) -> int:
         if time.monotonic() - t0 > 300:
             raise RuntimeError("no paid answer within 300 s")
     time.sleep(args.kill_after)
+    while not _in_flight(cache):  # kill the server while a request is out
+        time.sleep(0.0005)
     srv.kill()
     srv.wait()
     paid_at_kill = _ledger(cache)
