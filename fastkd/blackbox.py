@@ -52,7 +52,7 @@ import torch
 from . import oip
 from .oip import FLOAT_TYPES, INT_TYPES, format_floats
 
-__all__ = ["BlackBoxTeacher", "BlackBoxError", "QueryBudgetExceeded", "TeacherUnavailable",
+__all__ = ["BlackBoxTeacher", "RetryPolicy", "BlackBoxError", "QueryBudgetExceeded", "TeacherUnavailable",
            "TeacherResponseError", "TeacherRequestError", "TeacherInputError", "format_floats"]
 
 
@@ -466,6 +466,33 @@ def _error_text(data: bytes) -> str:
     return data[:300].decode("utf-8", "replace")
 
 
+# ----------------------------------------------------------------------------- retry policy
+class RetryPolicy:
+    """How many further attempts a failed request gets and how long to wait before each:
+    ``backoff * 2**k`` seconds (capped at ``backoff_max``) with jitter in [50%, 100%], at
+    least a server's ``Retry-After`` (also capped). ``sleep`` and ``random`` are injectable,
+    so retry behaviour is tested without waiting or a live server."""
+
+    def __init__(self, retries: int = 5, backoff: float = 0.5, backoff_max: float = 30.0, *,
+                 sleep: Callable[[float], None] = time.sleep, random: Callable[[], float] = random.random) -> None:
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"RetryPolicy: retries must be an int >= 0, got {retries!r}")
+        if backoff < 0 or backoff_max < 0:
+            raise ValueError(f"RetryPolicy: backoff and backoff_max must be >= 0, got {backoff!r}, {backoff_max!r}")
+        self.retries, self.backoff, self.backoff_max = retries, backoff, backoff_max
+        self.sleep, self.random = sleep, random
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        d = min(self.backoff_max, self.backoff * (2 ** attempt)) * (0.5 + self.random() / 2)
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.backoff_max))
+        return d
+
+    def wait(self, attempt: int, retry_after: float | None = None) -> None:
+        self.sleep(self.delay(attempt, retry_after))
+
+
 # ----------------------------------------------------------------------------- the teacher
 class BlackBoxTeacher:
     """A teacher reached only through its answers, with a query budget and a response cache.
@@ -501,6 +528,8 @@ class BlackBoxTeacher:
             labels still come as JSON, whose digits are smaller than 8-byte INT64); ``None``
             (default) uses it when the server lists ``binary_tensor_data`` in the
             ``extensions`` of ``GET /v2`` and JSON otherwise. Bytes are counted either way.
+        retry_policy: a :class:`RetryPolicy` (replaces ``retries``, ``backoff`` and
+            ``backoff_max``; its ``sleep`` can be a fake clock in tests).
         verbose: print a line when an attempt fails and is retried.
     """
 
@@ -512,7 +541,8 @@ class BlackBoxTeacher:
                  outputs: str = "auto", num_classes: int | None = None,
                  input_name: str | None = None, output_name: str | None = None,
                  workers: int = 1, name: str | None = None, headers: dict | None = None,
-                 binary: bool | None = None, verbose: bool = False) -> None:
+                 binary: bool | None = None, retry_policy: "RetryPolicy | None" = None,
+                 verbose: bool = False) -> None:
         if (model is None) == (url is None):
             raise ValueError("BlackBoxTeacher: give exactly one of model= (a local callable) or url=, "
                              f"got model={type(model).__name__}, url={url!r}")
@@ -537,7 +567,13 @@ class BlackBoxTeacher:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"BlackBoxTeacher: workers must be an int >= 1, got {workers!r}")
         self.response, self.budget, self.max_batch = response, budget, max_batch
-        self.timeout, self.retries, self.backoff, self.backoff_max = float(timeout), retries, backoff, backoff_max
+        if retry_policy is None:
+            retry_policy = RetryPolicy(retries, backoff, backoff_max)
+        elif not isinstance(retry_policy, RetryPolicy):
+            raise TypeError(f"BlackBoxTeacher: retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+        self.retry_policy = retry_policy
+        self.timeout = float(timeout)
+        self.retries, self.backoff, self.backoff_max = retry_policy.retries, retry_policy.backoff, retry_policy.backoff_max
         self.outputs, self.num_classes = outputs, num_classes
         self.input_name, self.output_name = input_name, output_name
         self.workers, self.verbose = workers, verbose
@@ -710,10 +746,7 @@ class BlackBoxTeacher:
         self._checked_shape = tuple(sample_shape)
 
     def _sleep(self, attempt: int, retry_after: float | None) -> None:
-        d = min(self.backoff_max, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.backoff_max))
-        time.sleep(d)
+        self.retry_policy.wait(attempt, retry_after)
 
     def _binary(self) -> bool:
         """Whether to send and ask for binary tensors: as asked, or when the server announces

@@ -652,3 +652,64 @@ def test_concurrent_clients_sharing_a_cache_never_pay_twice(tmp_path, clients):
         claims = c.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
     assert served == paid == distinct == 80 and claims == 0, (served, paid, distinct)
     assert sum(s["answers_shared"] + s["cache_hits"] for _, _, s in res) > 0
+
+
+# ----------------------------------------------------------------------------- retry policy, no live server
+class ScriptedTransport:
+    """A transport that answers from a script: an HTTP status, an exception, or 200 with the
+    model's answer encoded by the protocol codec."""
+
+    model_path, identity = "/v2/models/tiny", "scripted://tiny"
+
+    def __init__(self, model, script):
+        self.model, self.script, self.posts = model, list(script), 0
+
+    def extensions(self, timeout):
+        return ["binary_tensor_data"]
+
+    def metadata(self, timeout):
+        return {"name": "tiny", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1] + SHAPE}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]}
+
+    def request(self, method, path, body, timeout, extra=None):
+        from fastkd import oip
+        self.posts += 1
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        if step != 200:
+            return step, {"retry-after": "7"}, b'{"error": "busy"}', len(body), 20
+        head, ts = oip.decode_request(body, (extra or {}).get(oip.HEADER_LENGTH))
+        p = ref_probs(self.model, torch.from_numpy(ts[0][2].copy())).numpy()
+        data, h = oip.encode_response({"model_name": "tiny"}, [("probabilities", "FP32", p)],
+                                      binary=[oip.wants_binary(head, "probabilities")])
+        return 200, {k.lower(): v for k, v in h.items()}, data, len(body), len(data)
+
+
+def test_retry_policy_with_a_fake_clock_and_no_server():
+    from fastkd.blackbox import RetryPolicy, _Attempt
+    m = tiny_model()
+    waits = []
+    policy = RetryPolicy(retries=3, backoff=0.5, backoff_max=10.0, sleep=waits.append, random=lambda: 1.0)
+    bb = BlackBoxTeacher(url="http://scripted:1/v2/models/tiny", cache=False, budget=100, retry_policy=policy)
+    lost = _Attempt("timeout", "no answer (scripted)", billed=True)
+    bb._t = ScriptedTransport(m, [503, lost, 429, 200])
+    x = torch.randn(4, *SHAPE)
+    t0 = time.monotonic()
+    torch.testing.assert_close(bb(x), ref_probs(m, x), atol=1e-6, rtol=1e-5)
+    assert time.monotonic() - t0 < 1.0  # nothing really waited
+    # 503 and 429 carry Retry-After: 7 s; the timeout backs off 0.5 * 2**1
+    assert waits == [7.0, 1.0, 7.0]
+    s = bb.stats()
+    assert s["retries"] == 3 and s["queries_paid_total"] == 8  # the answer + the lost (timed-out) attempt
+    assert RetryPolicy(backoff=1, backoff_max=5, random=lambda: 0.0).delay(10) == 2.5
+    assert RetryPolicy(backoff=1, backoff_max=5, random=lambda: 0.0).delay(0, retry_after=60) == 5
+    # out of retries: a clear error, the unanswered attempts unpaid
+    bb2 = BlackBoxTeacher(url="http://scripted:1/v2/models/tiny", cache=False,
+                          retry_policy=RetryPolicy(retries=1, sleep=waits.append))
+    bb2._t = ScriptedTransport(m, [500, 503])
+    with pytest.raises(TeacherUnavailable, match="failed 2 attempts"):
+        bb2(x)
+    assert bb2.stats()["queries_paid_total"] == 0
+    with pytest.raises(TypeError, match="retry_policy must be a RetryPolicy"):
+        BlackBoxTeacher(url="http://scripted:1/v2/models/tiny", retry_policy=3)
