@@ -1,6 +1,6 @@
 #pragma once
 // BatchNorm-statistics loss (fastkd.ops.bn_stats_loss): shared declarations and checks.
-#include <torch/extension.h>
+#include "fastkd.h"
 
 #include <tuple>
 

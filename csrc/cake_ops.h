@@ -11,8 +11,6 @@
 //   theta = 2 pi b,     b = (u_odd >> 8) / 2^24 in [0, 1),
 //   z_even = r cos(theta), z_odd = r sin(theta).
 // fastkd/ops/langevin.py implements the same stream in plain PyTorch (the reference).
-#include <torch/extension.h>
-
 #include <cstdint>
 #include <tuple>
 
@@ -73,5 +71,16 @@ FKD_HD Philox4 fkd_philox(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
 // Uniforms of the Box-Muller transform (exactly representable in float).
 FKD_HD float fkd_u_open0(uint32_t u) { return static_cast<float>((u >> 8) + 1u) * 5.9604644775390625e-8f; }
 FKD_HD float fkd_u_open1(uint32_t u) { return static_cast<float>(u >> 8) * 5.9604644775390625e-8f; }
+
+#if defined(__CUDACC__) || defined(FASTKD_CUDA_EMU)
+// Box-Muller radius sqrt(-2 log a) for a = fkd_u_open0(.) in (0, 1], on the device. Under
+// nvcc's --use_fast_math, logf is an approximate instruction whose absolute error (about
+// 1e-7 near 1) can make log(a) >= 0 for a just below 1 (a NaN radius) and moves r by up
+// to 4e-4 there. log1pf has no approximate form: log1pf(-(1 - a)), with 1 - a exact in
+// float, keeps r accurate; the max() keeps a -0 or rounding from reaching sqrt.
+__device__ __forceinline__ float fkd_bm_radius(float a) {
+  return sqrtf(fmaxf(-2.0f * log1pf(-(1.0f - a)), 0.0f));
+}
+#endif
 
 }  // namespace fastkd

@@ -1,7 +1,7 @@
 #pragma once
 // Declarations of the image-matching and empirical optimal transport ops
 // (image_distance, pairwise_sqdist, sliced projections, assignment, Sinkhorn).
-#include <torch/extension.h>
+#include "fastkd.h"
 
 #include <cstdint>
 #include <tuple>
@@ -52,7 +52,14 @@ FASTKD_HD void ot_uniforms(uint32_t key, uint32_t d, float& u1, float& u2) {
 FASTKD_HD float ot_normal(uint32_t key, uint32_t d) {
   float u1, u2;
   ot_uniforms(key, d, u1, u2);
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMU)
+  // The device code is built with --use_fast_math, which makes logf and cosf approximate
+  // instructions: log1pf(-(1 - u1)) (1 - u1 exact) has no approximate form and cannot come
+  // out >= 0 for u1 just below 1 (a NaN radius), and cospif reduces its argument exactly.
+  return sqrtf(fmaxf(-2.0f * log1pf(-(1.0f - u1)), 0.0f)) * cospif(2.0f * u2);
+#else
   return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
+#endif
 }
 
 }  // namespace fastkd

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import os
 import sys
 import threading
 import time
@@ -235,7 +233,6 @@ def create_app(model: torch.nn.Module, *, input_shape, num_classes: int, name: s
             "inputs": [{"name": in_name, "datatype": "FP32", "shape": [-1] + input_shape}],
             "outputs": [out_meta],
             "parameters": {"num_classes": int(num_classes), "response": response, "max_batch": max_batch}}
-    sample_size = int(np.prod(input_shape))
     parser = _Parser()
     auth = None if token is None else ("Bearer " + token).encode()
 

@@ -535,7 +535,7 @@ def test_client_hard_labels_from_a_binary_server():
 def _lose_answers(bb, which, exc=None):
     """Make the transport of ``bb`` lose the answer of the inference requests numbered in
     ``which`` (1-based): the server answers them, the client never sees it."""
-    from fastkd.blackbox import _Attempt
+    from fastkd.blackbox.errors import _Attempt
     orig, count = bb._t.request, [0]
 
     def request(method, path, body, timeout, extra=None):
@@ -687,7 +687,8 @@ class ScriptedTransport:
 
 
 def test_retry_policy_with_a_fake_clock_and_no_server():
-    from fastkd.blackbox import RetryPolicy, _Attempt
+    from fastkd.blackbox import RetryPolicy
+    from fastkd.blackbox.errors import _Attempt
     m = tiny_model()
     waits = []
     policy = RetryPolicy(retries=3, backoff=0.5, backoff_max=10.0, sleep=waits.append, random=lambda: 1.0)

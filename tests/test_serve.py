@@ -3,7 +3,6 @@
 Servers listen on 127.0.0.1 only; every loop is bounded."""
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -144,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_sqdist_bwd(const at::Tensor& grad, c
   const auto ct = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
   const at::Tensor a = a_in.to(ct), b = b_in.to(ct), g = grad.to(ct);
   at::Tensor ga = at::empty({0}, a_in.options()), gb = at::empty({0}, b_in.options());
+  const at::NoTF32Guard full_fp32;  // CUDA tensors: fp32 products whatever the TF32 setting
   if (need_a) {  // -2 g b, then + 2 r_i a_i in place: no N x D temporary besides the result
     at::Tensor t = at::mm(g, b).mul_(-2.0);
     t.addcmul_(a, g.sum(1, /*keepdim=*/true), 2.0);

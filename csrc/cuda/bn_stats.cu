@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "bn_stats.h"
 
 namespace fastkd {
@@ -124,7 +126,7 @@ int sm_count(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_fwd_cuda(
     const at::Tensor& x_in, const at::Tensor& rm_in, const at::Tensor& rv_in) {
   bn_stats_check(x_in, rm_in, rv_in);
-  TORCH_CHECK(x_in.is_cuda(), "bn_stats_loss (cuda backend): x must be a CUDA tensor");
+  TORCH_CHECK(on_device(x_in), "bn_stats_loss (cuda backend): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor rm = rm_in.contiguous(), rv = rv_in.contiguous();
@@ -143,11 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_fwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_partial_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned>(nchunk), static_cast<unsigned>(C)), 256, 0,
-                                         stream>>>(x.const_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(),
-                                                   C, S, M, per_chunk);
+    FKD_LAUNCH(dim3(static_cast<unsigned>(nchunk), static_cast<unsigned>(C)), 256, 0, stream,
+               bn_partial_kernel<scalar_t, acc_t>)(x.const_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(), C, S,
+                                                   M, per_chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_finalize_kernel<scalar_t, acc_t><<<1, 256, 0, stream>>>(
+    FKD_LAUNCH(1, 256, 0, stream, bn_finalize_kernel<scalar_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), part.const_data_ptr<acc_t>(), nchunk, rm.const_data_ptr<acc_t>(),
         rv.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
         norms.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(), C, S, M);
@@ -160,7 +162,7 @@ at::Tensor bn_stats_bwd_cuda(const at::Tensor& grad, const at::Tensor& x_in, con
                              const at::Tensor& var, const at::Tensor& rm_in, const at::Tensor& rv_in,
                              const at::Tensor& norms) {
   bn_stats_check(x_in, rm_in, rv_in);
-  TORCH_CHECK(x_in.is_cuda(), "bn_stats_loss (cuda backend): x must be a CUDA tensor");
+  TORCH_CHECK(on_device(x_in), "bn_stats_loss (cuda backend): x must be a CUDA tensor");
   TORCH_CHECK(grad.numel() == 1, "bn_stats_loss: the incoming gradient must be a scalar");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -175,7 +177,7 @@ at::Tensor bn_stats_bwd_cuda(const at::Tensor& grad, const at::Tensor& x_in, con
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_bwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+    FKD_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, bn_bwd_kernel<scalar_t, acc_t>)(
         x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(),
         m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), rm.const_data_ptr<acc_t>(),
         rv.const_data_ptr<acc_t>(), nr.const_data_ptr<acc_t>(), C, S, total,

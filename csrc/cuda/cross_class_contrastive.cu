@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "cake_ops.h"
 #include "cuda/reduce.cuh"
 
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> cross_class_contrastive_fwd_cuda(
     const at::Tensor& outputs, const at::Tensor& labels, const c10::optional<at::Tensor>& groups,
     int64_t reduction, bool need_grad) {
   TORCH_CHECK(outputs.dim() == 2, "cross_class_contrastive: outputs must be 2-D (N, K)");
-  TORCH_CHECK(outputs.is_cuda(), "cross_class_contrastive (cuda backend): outputs must be a CUDA tensor");
+  TORCH_CHECK(on_device(outputs), "cross_class_contrastive (cuda backend): outputs must be a CUDA tensor");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == outputs.size(0),
               "cross_class_contrastive: labels must be int64 of shape (N,)");
   TORCH_CHECK(reduction == kMean || reduction == kSum, "cross_class_contrastive: reduction must be mean or sum");
@@ -114,19 +116,19 @@ std::tuple<at::Tensor, at::Tensor> cross_class_contrastive_fwd_cuda(
   at::Tensor part = at::zeros({rb}, f64);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "ccc_fwd_cuda", [&] {
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    scatter_rows_kernel<scalar_t><<<blocks_for(N * K, threads, dev), threads, 0, stream>>>(
+    FKD_LAUNCH(blocks_for(N * K, threads, dev), threads, 0, stream, scatter_rows_kernel<scalar_t>)(
         pp, gid.const_data_ptr<int64_t>(), gsum.mutable_data_ptr<double>(), N, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    centred_sums_kernel<scalar_t><<<blocks_for(N * K, threads, dev), threads, 0, stream>>>(
+    FKD_LAUNCH(blocks_for(N * K, threads, dev), threads, 0, stream, centred_sums_kernel<scalar_t>)(
         pp, gid.const_data_ptr<int64_t>(), sid.const_data_ptr<int64_t>(), gsum.const_data_ptr<double>(),
         ng.const_data_ptr<int64_t>(), T.mutable_data_ptr<double>(), N, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    scatter_rows_kernel<double><<<blocks_for(S * K, threads, dev), threads, 0, stream>>>(
+    FKD_LAUNCH(blocks_for(S * K, threads, dev), threads, 0, stream, scatter_rows_kernel<double>)(
         T.const_data_ptr<double>(), sg.const_data_ptr<int64_t>(), U.mutable_data_ptr<double>(), S, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto launch = [&](auto grad_c) {
       constexpr bool GR = decltype(grad_c)::value;
-      grad_rows_kernel<scalar_t, GR><<<rb, threads, 0, stream>>>(
+      FKD_LAUNCH(rb, threads, 0, stream, grad_rows_kernel<scalar_t, GR>)(
           pp, gid.const_data_ptr<int64_t>(), sid.const_data_ptr<int64_t>(), gsum.const_data_ptr<double>(),
           ng.const_data_ptr<int64_t>(), ns.const_data_ptr<int64_t>(), T.const_data_ptr<double>(),
           U.const_data_ptr<double>(), GR ? grad.mutable_data_ptr<scalar_t>() : nullptr,

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "fastkd.h"
 #include "cuda/reduce.cuh"
 #include "ot.h"
@@ -51,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> image_distance_fwd_cuda(const at::Tensor& a_i
   TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "image_distance: a and b dtypes differ");
   TORCH_CHECK(p == 1 || p == 2, "image_distance: p must be 1 or 2, got ", p);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "image_distance: bad reduction code ", reduction);
-  TORCH_CHECK(a_in.is_cuda() && b_in.is_cuda(), "image_distance (cuda backend): CUDA tensors expected");
+  TORCH_CHECK(on_device(a_in) && on_device(b_in), "image_distance (cuda backend): CUDA tensors expected");
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t N = a.size(0), D = a.numel() / N;
@@ -73,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> image_distance_fwd_cuda(const at::Tensor& a_i
     auto launch = [&](auto p_c, auto grad_c) {
       constexpr int P = decltype(p_c)::value;
       constexpr bool G = decltype(grad_c)::value;
-      image_distance_kernel<scalar_t, acc_t, P, G><<<grid, threads, 0, stream>>>(
+      FKD_LAUNCH(grid, threads, 0, stream, image_distance_kernel<scalar_t, acc_t, P, G>)(
           a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
           G ? grad.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(), D,
           static_cast<acc_t>(per * red));

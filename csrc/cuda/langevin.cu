@@ -11,14 +11,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "cake_ops.h"
 
 namespace fastkd {
 namespace {
 
 __device__ __forceinline__ void box_muller(uint32_t ua, uint32_t ub, float& zc, float& zs) {
-  const float a = fkd_u_open0(ua), b = fkd_u_open1(ub);
-  const float r = sqrtf(-2.0f * logf(a));
+  const float b = fkd_u_open1(ub);
+  const float r = fkd_bm_radius(fkd_u_open0(ua));
   float s, c;
   sincospif(2.0f * b, &s, &c);
   zc = r * c;
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kTVThreads) step_tv_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ g, int64_t C, int H, int W, int R,
     const float* __restrict__ lrp, acc_t lr, const float* __restrict__ sdp, acc_t sd, acc_t lo, acc_t hi,
     acc_t tvs, uint32_t k0, uint32_t k1) {
-  extern __shared__ unsigned char smem_raw[];
+  FKD_DYNAMIC_SMEM(unsigned char, smem_raw);
   acc_t* prev = reinterpret_cast<acc_t*>(smem_raw);  // old values of the row above the tile
   const int64_t plane = blockIdx.x;
   const int64_t n = plane / C;
@@ -130,7 +132,7 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const c10::opt
                         double lr, const c10::optional<at::Tensor>& std_t, double noise_std,
                         bool do_clamp, double lo, double hi, double tv_weight, int64_t tv_p,
                         int64_t seed) {
-  TORCH_CHECK(x.is_cuda() && grad_in.is_cuda(), "langevin_step_ (cuda backend): x and grad must be CUDA tensors");
+  TORCH_CHECK(on_device(x) && on_device(grad_in), "langevin_step_ (cuda backend): x and grad must be CUDA tensors");
   TORCH_CHECK(x.sizes() == grad_in.sizes(), "langevin_step_: grad must have x's shape");
   TORCH_CHECK(x.scalar_type() == grad_in.scalar_type(), "langevin_step_: grad must have x's dtype");
   TORCH_CHECK(x.is_contiguous(), "langevin_step_ (cuda backend): x must be contiguous");
@@ -167,9 +169,9 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const c10::opt
       const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((nblk + threads - 1) / threads,
                                                                                   static_cast<int64_t>(sms) * 16)));
       auto launch = [&](auto lrt, auto sdt, auto nz, auto cl) {
-        step_kernel<scalar_t, acc_t, decltype(lrt)::value, decltype(sdt)::value, decltype(nz)::value,
-                    decltype(cl)::value><<<blocks, threads, 0, stream>>>(xp, gp, x.numel(), per, lrp, alr, sdp,
-                                                                         asd, alo, ahi, k0, k1);
+        FKD_LAUNCH(blocks, threads, 0, stream,
+                   step_kernel<scalar_t, acc_t, decltype(lrt)::value, decltype(sdt)::value, decltype(nz)::value,
+                               decltype(cl)::value>)(xp, gp, x.numel(), per, lrp, alr, sdp, asd, alo, ahi, k0, k1);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       auto with_clamp = [&](auto lrt, auto sdt, auto nz) { do_clamp ? launch(lrt, sdt, nz, T{}) : launch(lrt, sdt, nz, F{}); };
@@ -187,10 +189,10 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const c10::opt
     const int R = static_cast<int>(std::max<int64_t>(1, (kTVThreads * kTVItems) / W));
     const size_t shmem = sizeof(acc_t) * static_cast<size_t>(W);
     auto launch = [&](auto lrt, auto sdt, auto nz, auto cl, auto pc) {
-      step_tv_kernel<scalar_t, acc_t, decltype(lrt)::value, decltype(sdt)::value, decltype(nz)::value,
-                     decltype(cl)::value, decltype(pc)::value>
-          <<<static_cast<unsigned>(N * C), kTVThreads, shmem, stream>>>(
-              xp, gp, C, static_cast<int>(H), static_cast<int>(W), R, lrp, alr, sdp, asd, alo, ahi, tvs, k0, k1);
+      FKD_LAUNCH(static_cast<unsigned>(N * C), kTVThreads, shmem, stream,
+                 step_tv_kernel<scalar_t, acc_t, decltype(lrt)::value, decltype(sdt)::value, decltype(nz)::value,
+                                decltype(cl)::value, decltype(pc)::value>)(
+          xp, gp, C, static_cast<int>(H), static_cast<int>(W), R, lrp, alr, sdp, asd, alo, ahi, tvs, k0, k1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     using P1 = std::integral_constant<int, 1>;

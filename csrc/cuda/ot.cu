@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "fastkd.h"
 #include "ot.h"
 
@@ -134,7 +136,7 @@ at::ScalarType compute_type(const at::Tensor& t) {
 at::Tensor pairwise_sqdist_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
   TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(1),
               "pairwise_sqdist: a (N, D) and b (M, D) expected");
-  TORCH_CHECK(a_in.is_cuda() && b_in.is_cuda(), "pairwise_sqdist (cuda backend): CUDA tensors expected");
+  TORCH_CHECK(on_device(a_in) && on_device(b_in), "pairwise_sqdist (cuda backend): CUDA tensors expected");
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto ct = compute_type(a_in);
   const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
@@ -143,6 +145,9 @@ at::Tensor pairwise_sqdist_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_
   const at::Tensor ac = a - mu, bc = b - mu;
   const at::Tensor na = at::linalg_vector_norm(ac, 2, {1}, false, at::kDouble).square();
   const at::Tensor nb = at::linalg_vector_norm(bc, 2, {1}, false, at::kDouble).square();
+  // full fp32 whatever torch.backends.cuda.matmul.allow_tf32 says: TF32's 10-bit mantissa
+  // would move G by ~1e-3 relative, which the cancellation test below then amplifies
+  const at::NoTF32Guard full_fp32;
   const at::Tensor G = at::mm(ac, bc.t()).contiguous();
   at::Tensor out = at::empty({N, M}, a.options());
   const int64_t warps = N * M;
@@ -151,7 +156,7 @@ at::Tensor pairwise_sqdist_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_
     const int64_t blocks = (warps * 32 + threads - 1) / threads;
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
     AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_sqdist_fwd_cuda", [&] {
-      sqdist_epilogue<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      FKD_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, sqdist_epilogue<scalar_t>)(
           G.const_data_ptr<scalar_t>(), na.const_data_ptr<double>(), nb.const_data_ptr<double>(),
           a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
           N, M, D, ct == at::kDouble ? 1e-7 : 1.0 / 64.0);
@@ -163,7 +168,7 @@ at::Tensor pairwise_sqdist_fwd_cuda(const at::Tensor& a_in, const at::Tensor& b_
 
 std::tuple<at::Tensor, at::Tensor> sliced_project_cuda(const at::Tensor& x_in, int64_t L, int64_t seed) {
   TORCH_CHECK(x_in.dim() == 2 && L > 0, "sliced_project: x (N, D) and n_projections > 0 expected");
-  TORCH_CHECK(x_in.is_cuda(), "sliced_project (cuda backend): CUDA tensor expected");
+  TORCH_CHECK(on_device(x_in), "sliced_project (cuda backend): CUDA tensor expected");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto ct = compute_type(x_in);
   const at::Tensor x = x_in.to(ct).contiguous();
@@ -173,10 +178,12 @@ std::tuple<at::Tensor, at::Tensor> sliced_project_cuda(const at::Tensor& x_in, i
   at::Tensor sq = at::empty({L}, x.options().dtype(at::kFloat));
   const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffULL);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const dim3 grid(static_cast<unsigned>((N + kR - 1) / kR), static_cast<unsigned>((L + kLB - 1) / kLB));
+  // at least one row tile, also for N = 0: the first tile of rows computes the norms
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, (N + kR - 1) / kR)),
+                  static_cast<unsigned>((L + kLB - 1) / kLB));
   AT_DISPATCH_FLOATING_TYPES(ct, "sliced_project_cuda", [&] {
-    project_kernel<scalar_t><<<grid, 256, 0, stream>>>(x.const_data_ptr<scalar_t>(), proj.mutable_data_ptr<scalar_t>(),
-                                                       sq.mutable_data_ptr<float>(), N, D, L, s32);
+    FKD_LAUNCH(grid, 256, 0, stream, project_kernel<scalar_t>)(
+        x.const_data_ptr<scalar_t>(), proj.mutable_data_ptr<scalar_t>(), sq.mutable_data_ptr<float>(), N, D, L, s32);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   at::Tensor inv = sq.to(ct).rsqrt();
@@ -187,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> sliced_project_cuda(const at::Tensor& x_in, i
 at::Tensor sliced_backproject_cuda(const at::Tensor& g_in, const at::Tensor& inv_norm, int64_t D, int64_t seed) {
   TORCH_CHECK(g_in.dim() == 2 && inv_norm.dim() == 1 && inv_norm.size(0) == g_in.size(1),
               "sliced_backproject: g (N, L) and inv_norm (L,) expected");
-  TORCH_CHECK(g_in.is_cuda(), "sliced_backproject (cuda backend): CUDA tensor expected");
+  TORCH_CHECK(on_device(g_in), "sliced_backproject (cuda backend): CUDA tensor expected");
   const c10::cuda::CUDAGuard guard(g_in.device());
   const auto ct = compute_type(g_in);
   const at::Tensor g = g_in.to(ct).contiguous();
@@ -195,12 +202,13 @@ at::Tensor sliced_backproject_cuda(const at::Tensor& g_in, const at::Tensor& inv
   const int64_t N = g.size(0), L = g.size(1);
   TORCH_CHECK((N + kR - 1) / kR <= 65535, "sliced_backproject (cuda backend): too many rows");
   at::Tensor out = at::empty({N, D}, g.options());
+  if (N == 0 || D == 0) return out.to(g_in.scalar_type());  // nothing to launch (a 0-block grid is an error)
   const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffULL);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(g.device().index()).stream();
   const dim3 grid(static_cast<unsigned>((D + 255) / 256), static_cast<unsigned>((N + kR - 1) / kR));
   AT_DISPATCH_FLOATING_TYPES(ct, "sliced_backproject_cuda", [&] {
-    backproject_kernel<scalar_t><<<grid, 256, 0, stream>>>(g.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(),
-                                                           out.mutable_data_ptr<scalar_t>(), N, D, L, s32);
+    FKD_LAUNCH(grid, 256, 0, stream, backproject_kernel<scalar_t>)(
+        g.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, D, L, s32);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out.to(g_in.scalar_type());

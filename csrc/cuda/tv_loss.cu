@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include "common/device.cuh"
+
 #include "fastkd.h"
 #include "cuda/reduce.cuh"
 
@@ -81,7 +83,7 @@ __global__ void __launch_bounds__(256) tv_fwd_kernel(const scalar_t* __restrict_
 std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cuda(const at::Tensor& x_in, int64_t p, bool diagonal,
                                                     int64_t reduction, bool need_grad) {
   tv_check(x_in, p, reduction);
-  TORCH_CHECK(x_in.is_cuda(), "tv_loss (cuda backend): x must be a CUDA tensor");
+  TORCH_CHECK(on_device(x_in), "tv_loss (cuda backend): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -108,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> tv_loss_fwd_cuda(const at::Tensor& x_in, int6
       constexpr int P = decltype(p_c)::value;
       constexpr bool D = decltype(diag_c)::value, G = decltype(grad_c)::value;
       if (N == 0 || per_sample == 0) return;
-      tv_fwd_kernel<scalar_t, acc_t, P, D, G><<<grid, threads, 0, stream>>>(
+      FKD_LAUNCH(grid, threads, 0, stream, tv_fwd_kernel<scalar_t, acc_t, P, D, G>)(
           x.const_data_ptr<scalar_t>(), G ? grad.mutable_data_ptr<scalar_t>() : nullptr,
           partial.mutable_data_ptr<acc_t>(), per_sample, static_cast<int>(H), static_cast<int>(W),
           static_cast<acc_t>(scale));
