@@ -122,9 +122,9 @@ def _split(body: bytes, header_length) -> tuple[dict, memoryview]:
 def _shape(spec: dict, what: str) -> list[int]:
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        raise ProtocolError(f"{what}: 'shape' must be a list of integers, got {shape!r}")
+        raise ProtocolError(f"{what}: 'shape' must be a list of integers, got {json.dumps(shape)}")
     if any(s < 0 for s in shape):
-        raise ProtocolError(f"{what}: 'shape' must not hold negative sizes, got {shape!r}")
+        raise ProtocolError(f"{what}: 'shape' must not hold negative sizes, got {json.dumps(shape)}")
     return shape
 
 

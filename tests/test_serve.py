@@ -179,7 +179,7 @@ def test_tritonclient_with_default_binary_settings(response, tmp_path):
     (b"{}", "no 'inputs'"),
     (json.dumps({"inputs": {"name": "input"}}).encode(), "must be a list"),
     (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, None, 4, 4],
-                             "data": [0] * 16}]}).encode(), "list of integers"),
+                             "data": [0] * 16}]}).encode(), r"list of integers, got \[1, null, 4, 4\]"),
     (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 4, "4"],
                              "data": [0] * 16}]}).encode(), "list of integers"),
     (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 4, 4],
