@@ -294,9 +294,10 @@ def test_body_limit_announced_and_streamed():
 
 def test_large_json_request_does_not_block_health_checks():
     """A large JSON body is parsed off the event loop: health checks keep answering fast
-    while it is in flight (on the loop, parsing it would stall them for the whole parse)."""
+    while it is in flight (on the loop, parsing it would stall them for the whole parse).
+    The first large JSON body also forks the parsing process, the largest stall here."""
     m = tiny_model()
-    n = 40000  # 40000 * 16 floats: about 8 MB of JSON
+    n = 80000  # 80000 * 16 floats: about 26 MB of JSON
     app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", max_batch=n, max_body=64 * 2 ** 20)
     x = torch.randn(n, *SHAPE)
     body = _json_req(x)
@@ -321,13 +322,26 @@ def test_large_json_request_does_not_block_health_checks():
     worst = max(lat)
     print(f"JSON body {len(body) / 1e6:.1f} MB: parse {t_parse:.3f} s, request {t_req:.3f} s, "
           f"worst health check {1000 * worst:.1f} ms over {len(lat)} checks")
-    assert worst < max(0.1, t_parse / 2), (worst, t_parse)
+    # on the loop, the parse alone would stall a health check for t_parse
+    assert worst < 0.6 * t_parse + 0.05, (worst, t_parse)
 
 
 # ----------------------------------------------------------------------------- batching
+class SlowModel(torch.nn.Module):
+    """A model that takes 50 ms a call: concurrent requests pile up behind it."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        time.sleep(0.05)
+        return self.m(x)
+
+
 def test_concurrent_requests_are_batched_and_answers_routed_back():
     m = tiny_model()
-    app = create_app(m, input_shape=SHAPE, num_classes=10, name="tiny", max_batch=16, batch_delay=0.05)
+    app = create_app(SlowModel(m), input_shape=SHAPE, num_classes=10, name="tiny", max_batch=16, batch_delay=0.05)
     xs = [torch.randn(k % 3 + 1, *SHAPE) for k in range(12)]
     res = [None] * len(xs)
     with ServerThread(app) as srv:
