@@ -252,13 +252,13 @@ def test_demo_fmnist_tadfkd_and_mekd_tiny(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "td" / "summary.json").read_text())
-    assert s["teacher"] == "fmnist-bn" and s["student"] == "lenet5_half" and s["teacher_test_acc"] > 0.9
+    assert s["teacher"] == "fmnist-bn" and s["student"] == "lenet5_half" and s["teacher_accuracy"] > 0.9
     r = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--method", "mekd", "--data", "fmnist", "--quick",
                         "--budget", "300", "--out", str(tmp_path / "md"), "--quiet"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "md" / "summary.json").read_text())
-    assert s["config"]["student"] == "lenet5_half" and s["teacher_test_acc"] > 0.9
+    assert s["config"]["student"] == "lenet5_half" and s["teacher_accuracy"] > 0.9
     assert s["results"]["mekd"]["queries"]["queries_paid_total"] == 300
     assert "/v2/models/fmnist" in s["teacher_url"]
 

@@ -1,8 +1,10 @@
 """`fastkd distill` and `fastkd demo`: dispatch to a method module.
 
 Each method lives in ``fastkd.methods.<name>`` and defines ``METHOD = "<name>"`` (or a
-list ``METHODS``), ``cli_distill(argv) -> int`` and ``cli_demo(argv) -> int``, parsing
-its own options, so methods are added without touching this file.
+list ``METHODS``), a ``Config`` dataclass and ``run(...)`` (the method contract: the shared
+command line of :func:`fastkd.methods._cli.distill_cli` serves it), or its own
+``cli_distill(argv) -> int``; ``cli_demo(argv) -> int`` when it has a demo. Methods are
+added without touching this file.
 """
 import argparse
 import importlib
@@ -48,7 +50,13 @@ def _dispatch(kind: str, args) -> int:
         raise SystemExit(f"fastkd {kind}: unknown --method {method!r}; available: "
                          f"{', '.join(methods) or 'none'}")
     mod = importlib.import_module(f"fastkd.methods.{methods[method]}")
-    fn = getattr(mod, f"cli_{kind}")
+    fn = getattr(mod, f"cli_{kind}", None)
+    if fn is None and kind == "distill" and hasattr(mod, "run") and hasattr(mod, "Config"):
+        from fastkd.methods._cli import distill_cli  # the shared command line of the method contract
+
+        return distill_cli(mod, ["--method", method] + rest)
+    if fn is None:
+        raise SystemExit(f"fastkd {kind}: method {method!r} has no {kind}")
     return fn(["--method", method] + rest)
 
 

@@ -268,25 +268,129 @@ def finish(a, *, method: str, student, teacher, shape, num_classes: int, check_x
 # --------------------------------------------------------------------------- config dataclasses
 def add_config_args(p: argparse.ArgumentParser, cfg, title: str, skip=()) -> None:
     """One option per field of the config dataclass ``cfg`` (its values are the defaults):
-    ``--field-name``; booleans take true/false."""
+    ``--field-name``. Booleans take true/false, tuples as many values as they hold, fields
+    defaulting to None the type named by ``metadata["type"]`` (and ``metadata["nargs"]``).
+    A field's ``metadata`` may give ``help``, ``choices`` and extra ``flags`` (other names)."""
     g = p.add_argument_group(title)
     for f in dataclasses.fields(cfg):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("cli") is False:
             continue
         v = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        md = f.metadata
+        flags = ["--" + f.name.replace("_", "-")] + list(md.get("flags", ()))
+        helptext = md.get("help", "")
+        kw: dict = {"default": v, "dest": f.name}
         if isinstance(v, bool):
-            g.add_argument(flag, type=_bool, default=v, metavar="BOOL", help=f"(default: {v})")
-        elif isinstance(v, (int, float, str)):
-            g.add_argument(flag, type=type(v), default=v, help=f"(default: {v})")
+            kw.update(type=_bool, metavar="BOOL")
+        elif isinstance(v, tuple):
+            kw.update(type=type(v[0]), nargs=len(v), default=list(v))
+        elif v is None:
+            kw.update(type=md.get("type", str))
+            if "nargs" in md:
+                kw["nargs"] = md["nargs"]
+        else:
+            kw.update(type=type(v))
+        if "choices" in md:
+            kw["choices"] = md["choices"]
+        if "metavar" in md:
+            kw["metavar"] = md["metavar"]
+        shown = " ".join(map(str, v)) if isinstance(v, tuple) else v
+        kw["help"] = (helptext + " " if helptext else "") + f"(default: {shown})"
+        g.add_argument(*flags, **kw)
 
 
 def config_from(a, cls, **extra):
     """The config dataclass ``cls`` from the parsed options (fields without an option keep
-    their defaults; ``extra`` overrides)."""
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)}
+    their defaults; tuple fields become tuples again; ``extra`` overrides)."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(a, f.name):
+            v = getattr(a, f.name)
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
     kw.update(extra)
     return cls(**kw)
+
+
+def _flag_message(e: Exception) -> str:
+    """``"method: field_name must ..."`` -> ``"--field-name must ..."``."""
+    msg = str(e)
+    head, sep, rest = msg.partition(": ")
+    body = rest if sep and " " not in head else msg
+    name, _, tail = body.partition(" ")
+    return f"--{name.replace('_', '-')} {tail}" if name.isidentifier() else msg
+
+
+def distill_cli(mod, argv) -> int:
+    """``fastkd distill --method NAME`` for a method module that follows the contract:
+
+    * ``METHOD`` (or ``METHODS``, a list), and a docstring whose first paragraph describes it;
+    * ``Config``: a dataclass of its hyper-parameters (every field becomes an option; an
+      optional ``validate()`` raises ValueError naming the field);
+    * ``run(teacher, student, *, config, input_shape, num_classes, eval_data, device, progress,
+      log, out_dir, method) -> dict``: the algorithm. It trains ``student`` in place and
+      returns ``{"summary": {...JSON-able results...}, "check": (inputs, "what they are")}``;
+      ``check`` are the inputs the student is checked on when there is no ``--eval-data``.
+
+    Optional hooks: ``DEFAULT_STUDENT``; ``add_options(p)`` for options that are not
+    hyper-parameters; ``load_teacher(args, device) -> (teacher, info, classes, shape)`` for
+    teachers the shared ``--teacher`` does not cover; ``run_kwargs(args) -> dict`` for extra
+    arguments of ``run`` from those options. Everything else (teacher, student, evaluation
+    data, normalisation, output folder, student checkpoint and export, the student check,
+    summary.json) is shared, with the same flags in every method.
+    """
+    from .. import _dist
+
+    names = list(getattr(mod, "METHODS", None) or [mod.METHOD])
+    doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    p = _run.Parser(prog=f"fastkd distill --method {'|'.join(names)}", description=doc,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=names, default=names[0])
+    add_teacher_args(p, required=not hasattr(mod, "load_teacher"))
+    add_student_args(p, default=getattr(mod, "DEFAULT_STUDENT", None), training=False)
+    add_eval_args(p)
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    add_run_args(p, f"fastkd_out/{names[0]}", seed="seed" not in fields)
+    add_config_args(p, mod.Config(), f"{names[0]} hyper-parameters")
+    if hasattr(mod, "add_options"):
+        mod.add_options(p)
+    a = p.parse_args(argv)
+    check_eval_args(p, a)
+    try:
+        cfg = config_from(a, mod.Config)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ValueError as e:
+        p.error(_flag_message(e))
+    extra = mod.run_kwargs(a) if hasattr(mod, "run_kwargs") else {}
+    _run.claim_out_dir(a.out, a.overwrite)
+    _dist.init_from_env()
+    dev = _dist.device(a.device)
+    teacher, info, k, shape = mod.load_teacher(a, dev) if hasattr(mod, "load_teacher") else resolve_teacher(a, dev)
+    teacher = teacher.to(dev)
+    normalize = normalization(a, shape)
+    eval_data = load_eval(a, shape, k)
+    seed = getattr(cfg, "seed", getattr(a, "seed", 0))
+    torch.manual_seed(seed)
+    student = build_student(a, k, shape).to(dev)
+    log = (lambda s: None) if a.quiet else _log
+    res = mod.run(teacher, student, config=cfg, input_shape=shape, num_classes=k, eval_data=eval_data, device=dev,
+                  progress=not a.quiet, log=log, out_dir=a.out, method=a.method, normalize=normalize, **extra)
+    if _dist.rank() != 0:
+        return 0
+    summary = dict(res.get("summary") or {}, teacher=a.teacher, seed=seed,
+                   config={k2: (list(v) if isinstance(v, tuple) else v) for k2, v in dataclasses.asdict(cfg).items()})
+    if eval_data is not None:
+        from ..distill import evaluate
+
+        summary.setdefault("teacher_accuracy", evaluate(teacher, eval_data))
+        summary.setdefault("student_accuracy", evaluate(student, eval_data))
+        print(f"teacher {100 * summary['teacher_accuracy']:.2f}%  student {100 * summary['student_accuracy']:.2f}%")
+        check_x, what = eval_data[0], "the held-out inputs"
+    else:
+        check_x, what = res["check"]
+    return finish(a, method=a.method, student=student, teacher=teacher, shape=shape, num_classes=k,
+                  check_x=check_x, what=what, summary=summary, normalize=normalize, log=_log,
+                  smoke=getattr(a, "smoke", False))
 
 
 def _bool(s: str) -> bool:

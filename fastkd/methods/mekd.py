@@ -807,7 +807,7 @@ def cli_demo(argv) -> int:
         url = f"{srv.url}/v2/models/{name}"
         _log(f"[mekd] teacher ({100 * acc_t:.2f}% on the test split) served at {url} ({args.response} responses)")
         summary = _run(args, url, None, url)
-        summary["teacher_test_acc"] = acc_t
+        summary["teacher_accuracy"] = acc_t
         summary["server_answered"] = app.state.stats["inference_count"]
     print(f"teacher {100 * acc_t:.2f}% on the test split; the server answered {summary['server_answered']} "
           f"queries in all")

@@ -29,7 +29,6 @@ noise dimension and width are reduced (``nz=256, ngf=32``, instead of 1000 / 64 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -355,88 +354,72 @@ def _default_cache() -> str:
     return os.environ.get("FASTKD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastkd"))
 
 
-def cli_distill(argv) -> int:
-    from .. import _dist, _run
-    from ..distill import evaluate
-    from ._cli import (add_config_args, add_eval_args, add_run_args, add_student_args, add_teacher_args,
-                       build_student, check_eval_args, config_from, finish, load_eval, normalization,
-                       resolve_teacher, shape_arg)
+# The method contract (fastkd.methods._cli.distill_cli serves `fastkd distill --method tadfkd`).
+Config = TADFKDConfig
+DEFAULT_STUDENT = "cnn_half"
 
-    p = _Parser(prog="fastkd distill --method tadfkd",
-                description="TA-DFKD: generator-based data-free distillation without a class prior, with on-device "
-                            "GMM sample selection. The teacher needs BatchNorm layers (the BN-statistics term).")
-    p.add_argument("--method", default=METHOD)
-    add_teacher_args(p, required=False)
+
+def run(teacher: nn.Module, student: nn.Module, *, config: TADFKDConfig, input_shape, num_classes: int,
+        eval_data=None, device=None, progress: bool = True, log=None, out_dir: str | None = None, **_) -> dict:
+    """:func:`distill`, the sample grid, and what the student is checked on without eval data."""
+    res = distill(teacher, student, config=config, image_shape=input_shape, eval_data=eval_data, device=device,
+                  progress=progress, log=log)
+    grid = save_sample_grid(res["generator"], teacher, os.path.join(out_dir, "samples.png")) if out_dir else None
+    acc = res["final_test_acc"]
+    if log is not None:
+        log(f"tadfkd: student test acc {'n/a' if acc is None else f'{100 * acc:.2f}%'} ({res['seconds']:.0f} s)"
+            + (f"; samples: {grid}" if grid else ""))
+    G = res["generator"].train()
+    with torch.no_grad():
+        x = G.sample(1024, torch.Generator().manual_seed(1)).cpu()
+    return {"summary": _summary(res, {"samples_png": grid}), "check": (x, "generated inputs")}
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    from ._cli import shape_arg
+
     p.set_defaults(teacher="digits:cnn_bn")
     p.add_argument("--image-shape", dest="input_shape", type=shape_arg, help=argparse.SUPPRESS)  # older name
+    p.add_argument("--eval", dest="eval_data", help=argparse.SUPPRESS)  # older name of --eval-data
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # set by `fastkd demo --quick`
     g = p.add_argument_group("digits teachers")
     g.add_argument("--teacher-epochs", type=int, default=40,
                    help="--teacher digits:ARCH trains (once, then cached) a digits teacher of that fastkd "
-                        "architecture for this many epochs (%(default)s); the default teacher is digits:cnn_bn")
-    g.add_argument("--cache", default=_default_cache(), help="where digits teachers are cached (%(default)s)")
-    add_student_args(p, default="cnn_half", training=False)
-    add_eval_args(p)
-    p.add_argument("--eval", dest="eval_data", help=argparse.SUPPRESS)  # older name of --eval-data
-    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # set by `fastkd demo --quick`
-    add_run_args(p, "fastkd_out/tadfkd", seed=False)
-    add_config_args(p, TADFKDConfig(), "TA-DFKD hyper-parameters (the student trains with lr_s, batch_size)")
-    args = p.parse_args(argv)
-    check_eval_args(p, args)
-    if args.teacher_epochs < 1:
-        p.error(f"--teacher-epochs must be a positive integer, got {args.teacher_epochs}")
-    say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    try:
-        cfg = config_from(args, TADFKDConfig).validate()
-    except ValueError as e:  # "tadfkd: NAME must ...": name the option
-        name, _, rest = str(e).removeprefix("tadfkd: ").partition(" ")
-        p.error(f"--{name.replace('_', '-')} {rest}")
-    _run.claim_out_dir(args.out, args.overwrite)
-    dev = _dist.device(args.device)
-    teacher_acc = None
-    if args.teacher.startswith("digits:"):
-        shape = args.input_shape or (1, 16, 16)
-        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-            raise _run.UsageError(f"--input-shape {','.join(map(str, shape))}: a digits teacher takes 1,S,S images")
-        arch = args.teacher.split(":", 1)[1]
-        from .. import models
+                        "architecture for this many epochs; the default teacher is digits:cnn_bn")
+    g.add_argument("--cache", default=_default_cache(), help="where digits teachers are cached")
 
-        if arch not in models.names():
-            raise _run.UsageError(f"--teacher digits:{arch}: unknown fastkd architecture; one of "
-                                  f"{', '.join(models.names())}")
-        teacher, teacher_acc = _digits_teacher(arch, shape[1], 0, args.cache, not args.quiet, say,
-                                               epochs=args.teacher_epochs)
-        k = 10
-        if args.eval_data is None:
-            args.eval_data = "digits"
-    else:
-        teacher, _info, k, shape = resolve_teacher(args, torch.device("cpu"))
-        if args.eval_data is None and args.teacher in ("fmnist", "fmnist-bn"):
-            args.eval_data = "fmnist"
-    normalize = normalization(args, shape)
-    eval_data = load_eval(args, shape, k)
-    if eval_data is not None and teacher_acc is None:
-        teacher_acc = evaluate(teacher, eval_data)
-    torch.manual_seed(cfg.seed)
-    student = build_student(args, k, shape)
-    say(f"tadfkd: seed {cfg.seed}, config {json.dumps(asdict(cfg))}")
-    res = distill(teacher, student, config=cfg, image_shape=shape, eval_data=eval_data, device=dev,
-                  progress=not args.quiet, log=say)
-    grid = save_sample_grid(res["generator"], teacher, os.path.join(args.out, "samples.png"))
-    acc = res["final_test_acc"]
-    print(f"tadfkd: teacher {args.teacher} test acc "
-          f"{'n/a' if teacher_acc is None else f'{100 * teacher_acc:.2f}%'}, student {args.student} "
-          f"test acc {'n/a' if acc is None else f'{100 * acc:.2f}%'} ({res['seconds']:.0f} s); "
-          f"wrote {args.out}/summary.json, {grid}")
-    if eval_data is not None:
-        check_x, what = eval_data[0], "the held-out inputs"
-    else:
-        res["generator"].train()
-        with torch.no_grad():
-            check_x, what = res["generator"].sample(1024, torch.Generator().manual_seed(1)).cpu(), "generated inputs"
-    summ = _summary(res, {"teacher": args.teacher, "teacher_test_acc": teacher_acc, "samples_png": grid,
-                          "seed": cfg.seed})
-    return finish(args, method=METHOD, student=student.cpu(), teacher=teacher.cpu(), shape=shape, num_classes=k,
-                  check_x=check_x, what=what, summary=summ, normalize=normalize, log=say, smoke=args.smoke)
+
+def load_teacher(a, device):
+    """``--teacher digits:ARCH`` (a digits teacher trained once and cached), or any teacher the
+    shared ``--teacher`` takes; a bundled teacher's test split is the default eval data."""
+    from .. import models
+    from .._run import UsageError
+    from ._cli import resolve_teacher
+
+    if a.teacher_epochs < 1:
+        raise UsageError(f"--teacher-epochs must be a positive integer, got {a.teacher_epochs}")
+    if not a.teacher.startswith("digits:"):
+        if a.eval_data is None and a.teacher in ("fmnist", "fmnist-bn"):
+            a.eval_data = "fmnist"
+        return resolve_teacher(a, device)
+    shape = a.input_shape or (1, 16, 16)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))}: a digits teacher takes 1,S,S images")
+    arch = a.teacher.split(":", 1)[1]
+    if arch not in models.names():
+        raise UsageError(f"--teacher digits:{arch}: unknown fastkd architecture; one of {', '.join(models.names())}")
+    say = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    teacher, _acc = _digits_teacher(arch, shape[1], 0, a.cache, not a.quiet, say, epochs=a.teacher_epochs)
+    if a.eval_data is None:
+        a.eval_data = "digits"
+    return teacher, {"model": arch}, 10, tuple(shape)
+
+
+def cli_distill(argv) -> int:
+    """``fastkd distill --method tadfkd``: the shared command line of the method contract."""
+    from ._cli import distill_cli
+
+    return distill_cli(sys.modules[__name__], argv)
 
 
 def cli_demo(argv) -> int:
