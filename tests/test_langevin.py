@@ -347,3 +347,22 @@ def test_default_noise_of_a_float64_per_sample_lr_is_exact():
     lr = torch.tensor([0.01, 0.2, 0.07], dtype=torch.float64)
     got = langevin_step_(x.clone(), g, lr, seed=5, backend="torch")
     torch.testing.assert_close(got, langevin_step_reference(x, g, lr, seed=5), rtol=1e-15, atol=1e-15)
+
+
+def test_auto_skips_the_cuda_tv_kernel_for_wide_images(monkeypatch):
+    # the CUDA kernel's fused TV prior takes width <= CUDA_TV_MAX_WIDTH: "auto" must pick the
+    # next backend for wider images (not raise), and naming "cuda" must say why it cannot
+    from fastkd import _backend as B
+    from fastkd.ops import langevin as L
+
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    monkeypatch.setattr(B, "backend_status", lambda name: B.BackendStatus(name, True, ""))
+    cuda, W = torch.device("cuda"), L.CUDA_TV_MAX_WIDTH
+    assert L._resolve_backend("auto", cuda, (2, 3, 4, W), 1.0) == "cuda"
+    assert L._resolve_backend("auto", cuda, (2, 3, 4, W + 1), 0.0) == "cuda"
+    assert L._resolve_backend("auto", cuda, (2, 3, 4, W + 1), 1.0) == "triton"
+    with pytest.raises(B.BackendUnavailableError, match="width at most 2048, got width 2049"):
+        L._resolve_backend("cuda", cuda, (2, 3, 4, W + 1), 1.0)
+    monkeypatch.setenv("FASTKD_BACKEND", "cuda")
+    with pytest.raises(B.BackendUnavailableError, match="width at most"):
+        L._resolve_backend("auto", cuda, (2, 3, 4, W + 1), 1.0)

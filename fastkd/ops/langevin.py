@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -189,6 +190,23 @@ def _fused_op(name: str):
     return torch.ops.fastkd.langevin_step_
 
 
+# The CUDA kernel's fused TV prior keeps a tile of whole rows of at most this many elements.
+CUDA_TV_MAX_WIDTH = 2048
+
+
+def _resolve_backend(backend: str, device: torch.device, shape, tv_weight: float) -> str:
+    """B.resolve, except that with the TV prior on images wider than CUDA_TV_MAX_WIDTH the
+    cuda backend is skipped by "auto" (the next one in line runs) and refused by name."""
+    be = B.resolve(_OP, backend, device)
+    if be != "cuda" or tv_weight == 0.0 or shape[-1] <= CUDA_TV_MAX_WIDTH:
+        return be
+    if backend == "auto" and (os.environ.get("FASTKD_BACKEND") or "auto") == "auto":
+        return B.resolve(_OP, "auto", device, supported=tuple(b for b in B.BACKENDS if b != "cuda"))
+    raise B.BackendUnavailableError(
+        f"{_OP}: backend 'cuda' applies the TV prior (tv_weight > 0) to images of width at most "
+        f"{CUDA_TV_MAX_WIDTH}, got width {shape[-1]}; use backend 'auto', 'triton' or 'torch'")
+
+
 @torch.no_grad()
 def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr, *, noise_std=None, clamp=None,
                    tv_weight: float = 0.0, tv_p: int = 1, seed: int | None = None,
@@ -211,7 +229,7 @@ def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr, *, noise_std=None, c
     """
     lr_t, lr_s, std_t, std_s, do_clamp, lo, hi, tv_weight = _check(
         x, grad, lr, noise_std, clamp, tv_weight, tv_p, seed)
-    be = B.resolve(_OP, backend, x.device)
+    be = _resolve_backend(backend, x.device, x.shape, tv_weight)
     if seed is None and (std_t is not None or std_s != 0.0):
         seed = draw_seed()
     seed = 0 if seed is None else int(seed)
