@@ -6,8 +6,8 @@ def _run(a) -> int:
 
     import torch
 
-    from fastkd.methods.cake import (_device, _init_distributed, _rank, resolve_teacher, save_sample_grid,
-                                     synthesis_kwargs)
+    from fastkd.methods._cli import resolve_teacher
+    from fastkd.methods.cake import _device, _init_distributed, _rank, save_sample_grid, synthesis_kwargs
     from fastkd.synthesis import cake
 
     _init_distributed()
@@ -33,7 +33,8 @@ def _run(a) -> int:
 def register(sub) -> None:
     import argparse
 
-    from fastkd.methods.cake import add_synthesis_args, add_teacher_args
+    from fastkd.methods._cli import add_teacher_args
+    from fastkd.methods.cake import add_synthesis_args
 
     s = sub.add_parser(
         "synthesize", help="synthesise a data set from a teacher with CAKE or LAKE (no data needed)",

@@ -341,7 +341,7 @@ def distill_cli(mod, argv) -> int:
     from .. import _dist
 
     names = list(getattr(mod, "METHODS", None) or [mod.METHOD])
-    doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    doc = getattr(mod, "DESCRIPTION", None) or (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
     p = _run.Parser(prog=f"fastkd distill --method {'|'.join(names)}", description=doc,
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=names, default=names[0])

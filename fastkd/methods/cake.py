@@ -11,14 +11,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from fastkd import _dist
 from fastkd._run import Parser as _Parser
-from fastkd.methods._cli import (add_eval_args, add_run_args, add_student_args, add_teacher_args, build_student,
-                                 check_eval_args, finish, load_eval, normalization, pixel_range,
-                                 positive, resolve_teacher, student_kwargs)
+from fastkd.methods._cli import add_config_args, config_from, pixel_range, positive, student_kwargs
 
 METHODS = ["cake", "lake"]
 
@@ -42,44 +41,91 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_synthesis_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """Options of the CAKE/LAKE synthesis (shared by `fastkd synthesize`, `distill`, `demo`)."""
-    from fastkd.synthesis import DEFAULTS
+_BACKENDS = ["auto", "cuda", "triton", "cpp", "torch"]
 
-    d = dict(DEFAULTS, num_samples=6400)
-    d.update(defaults or {})
-    g = p.add_argument_group("synthesis (CAKE/LAKE)")
-    g.add_argument("--num-samples", type=int, default=d["num_samples"], help="samples to synthesise (%(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="samples per synthesis batch (%(default)s)")
-    g.add_argument("--steps", type=int, default=d["steps"], help="gradient steps per batch (%(default)s)")
-    g.add_argument("--w-cls", type=float, default=d["w_cls"], help="weight of the classification term (%(default)g)")
-    g.add_argument("--w-contr", type=float, default=d["w_contr"],
-                   help="weight of the cross-class contrastive term (%(default)g)")
-    g.add_argument("--w-tv", type=float, default=d["w_tv"], help="weight of the total-variation prior (%(default)g)")
-    g.add_argument("--lr", type=float, nargs=2, metavar=("START", "END"), default=list(d["lr"]),
-                   help="step size of the first and the last batch (%(default)s)")
-    g.add_argument("--schedule", choices=["loglinear", "cosine"], default=d["schedule"],
-                   help="how log(step size) goes from START to END across batches (%(default)s)")
-    g.add_argument("--prior", choices=["normal", "uniform"], default="normal",
-                   help="initial inputs: N(0, I) or U(-1, 1) (%(default)s)")
-    g.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"), default=d.get("clamp"),
-                   help="keep the inputs in [LO, HI] after every step: the normalised values of black and white "
-                        "for image teachers (fastkd.data.fmnist_info()['pixel_range'] for the bundled "
-                        "Fashion-MNIST; default: no clamp)")
-    g.add_argument("--bn-prior-weight", type=float, default=0.0,
-                   help="weight of the optional BatchNorm-statistics prior (teachers with BatchNorm; %(default)g)")
-    g.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpp", "torch"],
-                   help="backend of the fused ops (%(default)s)")
+
+@dataclass
+class CAKEConfig:
+    """Hyper-parameters of CAKE / LAKE (:func:`run`): the synthesis (:func:`fastkd.synthesis.cake`)
+    and the student's training (:func:`fastkd.distill.train_student`). Every field is an option
+    of `fastkd distill --method cake|lake` (and the synthesis fields of `fastkd synthesize`)."""
+    num_samples: int = field(default=6400, metadata={"help": "samples to synthesise"})
+    batch_size: int = field(default=100, metadata={"help": "samples per synthesis batch"})
+    steps: int = field(default=200, metadata={"help": "gradient steps per batch"})
+    w_cls: float = field(default=1e3, metadata={"help": "weight of the classification term"})
+    w_contr: float = field(default=1e1, metadata={"help": "weight of the cross-class contrastive term"})
+    w_tv: float = field(default=1e5, metadata={"help": "weight of the total-variation prior"})
+    lr: tuple = field(default=(1e-1, 1e-5), metadata={"help": "step size of the first and the last batch",
+                                                      "metavar": ("START", "END")})
+    schedule: str = field(default="loglinear", metadata={
+        "help": "how log(step size) goes from START to END across batches", "choices": ["loglinear", "cosine"]})
+    prior: str = field(default="normal", metadata={"help": "initial inputs: N(0, I) or U(-1, 1)",
+                                                   "choices": ["normal", "uniform"]})
+    clamp: tuple | None = field(default=None, metadata={
+        "help": "keep the inputs in [LO, HI] after every step: the normalised values of black and white for image "
+                "teachers (fastkd.data.fmnist_info()['pixel_range'] for the bundled Fashion-MNIST; --mean/--std set "
+                "it; default: no clamp)", "type": float, "nargs": 2, "metavar": ("LO", "HI")})
+    bn_prior_weight: float = field(default=0.0, metadata={
+        "help": "weight of the optional BatchNorm-statistics prior (teachers with BatchNorm)"})
+    backend: str = field(default="auto", metadata={"help": "backend of the fused ops", "choices": _BACKENDS})
+    epochs: int = field(default=30, metadata={"help": "student epochs"})
+    student_batch_size: int = field(default=256, metadata={"help": "student batch size"})
+    student_lr: float = field(default=0.5, metadata={"help": "peak SGD lr of the student (one-cycle)"})
+    temperature: float = field(default=1.0, metadata={"help": "temperature of the soft targets"})
+    loss: str = field(default="soft_ce", metadata={"help": "student loss", "choices": ["soft_ce", "kl"]})
+    augment: str = field(default="shift", metadata={
+        "help": "teacher-relabelled augmentation of every student batch (image inputs only): a '+'-joined list of "
+                "shift (up to 1 pixel), shift2 (up to 2), flip (horizontal), mixup (blend with another sample); "
+                "none: train on the synthetic samples as they are"})
+    seed: int = field(default=0, metadata={"help": "batch b of the synthesis depends on (seed, b); seeds the student"})
+
+    def validate(self) -> "CAKEConfig":
+        from fastkd.distill import parse_augment
+
+        for k in ("num_samples", "batch_size", "steps", "epochs", "student_batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"cake: {k} must be a positive integer, got {v!r}")
+        if len(self.lr) != 2 or not all(v > 0 for v in self.lr):
+            raise ValueError(f"cake: lr START END must be positive step sizes, got {self.lr!r}")
+        if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
+            raise ValueError(f"cake: clamp LO HI needs LO < HI, got {self.clamp!r}")
+        if not self.student_lr > 0:
+            raise ValueError(f"cake: student_lr must be > 0, got {self.student_lr!r}")
+        if self.augment != "none":
+            parse_augment(self.augment, "cake: augment")
+        return self
+
+    def synthesis_kwargs(self) -> dict:
+        return dict(num_samples=self.num_samples, batch_size=self.batch_size, steps=self.steps, w_cls=self.w_cls,
+                    w_contr=self.w_contr, w_tv=self.w_tv, lr=tuple(self.lr), schedule=self.schedule,
+                    prior=self.prior, bn_prior_weight=self.bn_prior_weight, backend=self.backend,
+                    clamp=tuple(self.clamp) if self.clamp else None)
+
+
+#: The student-training fields of :class:`CAKEConfig` (not options of `fastkd synthesize`).
+_STUDENT_FIELDS = ("epochs", "student_batch_size", "student_lr", "temperature", "loss", "augment", "seed")
+Config = CAKEConfig
+
+
+def add_synthesis_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Options of the CAKE/LAKE synthesis (`fastkd synthesize`), from :class:`CAKEConfig`."""
+    import dataclasses
+
+    add_config_args(p, dataclasses.replace(CAKEConfig(), **(defaults or {})), "synthesis (CAKE/LAKE)",
+                    skip=_STUDENT_FIELDS)
 
 
 def synthesis_kwargs(a) -> dict:
-    if a.clamp and not (a.clamp[0] < a.clamp[1]):
-        print(f"fastkd: error: --clamp LO HI needs LO < HI, got {a.clamp[0]:g} {a.clamp[1]:g}", file=sys.stderr)
-        raise SystemExit(2)
-    return dict(num_samples=a.num_samples, batch_size=a.batch_size, steps=a.steps, w_cls=a.w_cls,
-                w_contr=a.w_contr, w_tv=a.w_tv, lr=tuple(a.lr), schedule=a.schedule, prior=a.prior,
-                bn_prior_weight=a.bn_prior_weight, backend=a.backend,
-                clamp=tuple(a.clamp) if a.clamp else None)
+    """The synthesis arguments of parsed options (one line naming the flag when one cannot work)."""
+    from fastkd._run import UsageError
+    from fastkd.methods._cli import _flag_message
+
+    try:
+        return config_from(a, CAKEConfig, **{k: getattr(CAKEConfig(), k) for k in _STUDENT_FIELDS}
+                           ).validate().synthesis_kwargs()
+    except ValueError as e:
+        raise UsageError(_flag_message(e)) from None
 
 
 _device = _dist.device
@@ -336,88 +382,74 @@ def cli_demo(argv) -> int:
     return 0
 
 
-def _distill_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="fastkd distill --method cake|lake",
-        description="Distil a student from a teacher without its data: synthesise a data set with CAKE (or LAKE: "
-                    "explicit Langevin noise), then train the student on the teacher's soft labels of it.",
-        epilog="example: fastkd distill --method cake --teacher teacher.pt2 --student torchvision:resnet18 "
-               "--mean 0.49 0.48 0.45 --std 0.25 0.24 0.26 --eval-data test_images/ --out runs/cifar\n"
-               "Under torchrun (e.g. torchrun --nproc-per-node 2 -m fastkd distill ...), synthesis batches are "
-               "shared between the processes and the student trains with DistributedDataParallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="cake")
-    add_teacher_args(p)
-    add_student_args(p)
-    g = p.add_argument_group("student training")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--loss", choices=["soft_ce", "kl"], default="soft_ce")
-    g.add_argument("--augment", type=_augment_arg, default="shift",
-                   help="teacher-relabelled augmentation of every student batch (image inputs only): a '+'-joined "
-                        "list of shift (up to 1 pixel), shift2 (up to 2), flip (horizontal), mixup (blend with "
-                        "another sample); none: train on the synthetic samples as they are (%(default)s)")
-    add_synthesis_args(p)
+DEFAULT_STUDENT = None  # --student is required
+DESCRIPTION = ("Distil a student from a teacher without its data: synthesise a data set with CAKE (or LAKE: explicit "
+               "Langevin noise), then train the student on the teacher's soft labels of it.")
+
+
+def run(teacher, student, *, config: CAKEConfig, input_shape, num_classes: int, eval_data=None, device=None,
+        progress: bool = True, log=None, out_dir: str | None = None, method: str = "cake", normalize=None,
+        dataset=None, **_) -> dict:
+    """CAKE (or LAKE, ``method="lake"``): synthesise (into ``out_dir/synthetic``, resumable), or
+    take ``dataset``, then distil ``student`` (trained in place) on the teacher's soft labels.
+    ``normalize`` ({"mean", "std"}) gives the clamp when ``config.clamp`` is None."""
+    from fastkd import distill
+    from fastkd.synthesis import cake
+
+    syn_kw = config.synthesis_kwargs()
+    if normalize and syn_kw["clamp"] is None:
+        syn_kw["clamp"] = pixel_range(normalize["mean"], normalize["std"])
+    if dataset is not None:
+        ds = dataset
+    else:
+        ds = cake(teacher, num_classes=num_classes, input_shape=input_shape, langevin=(method == "lake"),
+                  seed=config.seed, device=device, progress=progress,
+                  out_dir=os.path.join(out_dir, "synthetic") if out_dir else None, **syn_kw)
+    image = len(input_shape) == 3
+    h = distill.train_student(student, ds, epochs=config.epochs, batch_size=config.student_batch_size,
+                              lr=config.student_lr, temperature=config.temperature, loss=config.loss,
+                              eval_data=eval_data, seed=config.seed, progress=progress, device=device,
+                              augment=None if config.augment == "none" or not image else config.augment,
+                              teacher=teacher if config.augment != "none" else None)
+    grid = None
+    if out_dir is not None and _dist.rank() == 0 and image and input_shape[0] in (1, 3):
+        try:
+            grid = save_sample_grid(ds, os.path.join(out_dir, "samples.png"))
+        except ImportError:
+            _log("matplotlib is not installed: no sample grid written")
+    return {"summary": {"synthesis": {k: v for k, v in ds.meta.items()
+                                      if isinstance(v, (int, float, str, list, type(None)))},
+                        "student_history": h.to_dict(), "samples_png": grid},
+            "check": (ds.inputs, "the synthetic inputs")}
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="use this synthetic data set (a .pt file or a synthesis out "
                    "folder) instead of synthesising")
-    add_eval_args(p)
     p.add_argument("--eval-digits", action="store_true", help="the same as --eval-data digits")
-    add_run_args(p, "fastkd_out/distill")
-    return p
+    p.epilog = ("example: fastkd distill --method cake --teacher teacher.pt2 --student torchvision:resnet18 "
+                "--mean 0.49 0.48 0.45 --std 0.25 0.24 0.26 --eval-data test_images/ --out runs/cifar. "
+                "Under torchrun (e.g. torchrun --nproc-per-node 2 -m fastkd distill ...), synthesis batches are "
+                "shared between the processes and the student trains with DistributedDataParallel.")
+
+
+def run_kwargs(a) -> dict:
+    from fastkd._run import UsageError
+    from fastkd.synthesis import SyntheticDataset
+
+    if a.eval_digits:
+        if a.eval_data:
+            raise UsageError("--eval-data and --eval-digits: give one of them")
+        a.eval_data = "digits"
+    if a.data:
+        if not os.path.exists(a.data):
+            raise UsageError(f"--data {a.data} does not exist (a synthetic data set: .pt file or synthesis folder)")
+        return {"dataset": SyntheticDataset.load(a.data)}
+    return {}
 
 
 def cli_distill(argv) -> int:
-    from fastkd import distill
-    from fastkd.synthesis import SyntheticDataset, cake
+    """``fastkd distill --method cake|lake``: the shared command line of the method contract."""
+    from fastkd.methods._cli import distill_cli
 
-    p = _distill_parser()
-    a = p.parse_args(argv)
-    positive(p, a, "num_samples", "batch_size", "steps", "epochs", "student_batch_size")
-    if not a.student_lr > 0:
-        p.error(f"--student-lr must be > 0, got {a.student_lr:g}")
-    if not (a.lr[0] > 0 and a.lr[1] > 0):
-        p.error(f"--lr START END must be positive step sizes, got {a.lr[0]:g} {a.lr[1]:g}")
-    check_eval_args(p, a)
-    if a.eval_digits:
-        if a.eval_data:
-            p.error("--eval-data and --eval-digits: give one of them")
-        a.eval_data = "digits"
-    syn_kw = synthesis_kwargs(a)
-    from fastkd import _run
-
-    _run.claim_out_dir(a.out, a.overwrite)
-    _dist.init_from_env()
-    dev = _dist.device(a.device)
-    teacher, info, k, shape = resolve_teacher(a, dev)
-    normalize = normalization(a, shape)
-    if normalize and syn_kw["clamp"] is None:
-        syn_kw["clamp"] = pixel_range(a.mean, a.std)
-    eval_data = load_eval(a, shape, k)
-    torch.manual_seed(a.seed)
-    student = build_student(a, k, shape).to(dev)
-    if a.data:
-        ds = SyntheticDataset.load(a.data)
-    else:
-        ds = cake(teacher, num_classes=k, input_shape=shape, langevin=(a.method == "lake"), seed=a.seed,
-                  device=dev, progress=not a.quiet, out_dir=os.path.join(a.out, "synthetic"), **syn_kw)
-    h = distill.train_student(student, ds, epochs=a.epochs, batch_size=a.student_batch_size, lr=a.student_lr,
-                              temperature=a.temperature, loss=a.loss, eval_data=eval_data, seed=a.seed,
-                              progress=not a.quiet, device=dev,
-                              augment=None if a.augment == "none" or len(shape) != 3 else a.augment,
-                              teacher=teacher if a.augment != "none" else None)
-    if _dist.rank() != 0:
-        return 0
-    try:
-        save_sample_grid(ds, os.path.join(a.out, "samples.png"))
-    except ImportError:
-        _log("matplotlib is not installed: no sample grid written")
-    summary = {"teacher": a.teacher, "seed": a.seed,
-               "synthesis": {k2: v for k2, v in ds.meta.items() if isinstance(v, (int, float, str, list, type(None)))},
-               "student_history": h.to_dict()}
-    if eval_data is not None:
-        summary["teacher_accuracy"] = distill.evaluate(teacher, eval_data)
-        summary["student_accuracy"] = h.final_accuracy
-        print(f"teacher {100 * summary['teacher_accuracy']:.2f}%  student {100 * h.final_accuracy:.2f}%")
-    check_x, what = (eval_data[0], "the held-out inputs") if eval_data is not None else (ds.inputs,
-                                                                                        "the synthetic inputs")
-    return finish(a, method=a.method, student=student, teacher=teacher, shape=shape, num_classes=k,
-                  check_x=check_x, what=what, summary=summary, normalize=normalize, log=_log)
+    return distill_cli(sys.modules[__name__], argv)
