@@ -203,3 +203,17 @@ def test_mekd_served_torchvision_teacher_with_own_edge_data(files, tmp_path, cap
     student, info = load_teacher(str(run / "student.pt"))
     assert info["model"] == "torchvision:resnet18" and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert (run / "student.torchscript.pt").exists()
+
+
+def test_serve_teacher_loads_every_format(files):
+    """`fastkd serve-teacher MODEL` resolves its model as every method's --teacher does."""
+    from fastkd.commands.serve_teacher import load_model
+
+    d, _, formats = files
+    assert load_model(str(d / "t.pt2"))[1:] == ([3, 32, 32], 10)
+    assert load_model(str(d / "sd.pt"), arch="torchvision:resnet18", input_shape=[3, 32, 32])[1:] == ([3, 32, 32], 10)
+    with pytest.raises(SystemExit, match="trust"):
+        load_model(str(d / "whole.pt"), input_shape=[3, 32, 32])
+    assert load_model(str(d / "whole.pt"), input_shape=[3, 32, 32], trust=True)[2] == 10
+    with pytest.raises(SystemExit, match="--input-shape"):
+        load_model(str(d / "ts.pt"))

@@ -7,33 +7,23 @@ import sys
 
 
 def load_model(spec: str, *, arch: str | None = None, num_classes: int | None = None,
-               input_shape=None, in_channels: int | None = None):
-    """``(model, input_shape, num_classes)`` from a MODEL argument: ``digits`` (the bundled
-    digits teacher) or a teacher file read by :func:`fastkd.teachers.load_teacher`
-    (TorchScript, a fastkd checkpoint, or a state_dict with ``--arch``)."""
+               input_shape=None, in_channels: int | None = None, trust: bool = False):
+    """``(model, input_shape, num_classes)`` from a MODEL argument: a bundled teacher
+    (``digits``, ``fmnist``, ``fmnist-bn``) or a teacher file in any format of
+    :func:`fastkd.teachers.load_teacher` (the same resolution as every method's ``--teacher``)."""
     import torch
 
-    from fastkd.teachers import load_teacher
+    from fastkd.methods._cli import resolve_teacher
 
+    if in_channels and input_shape and int(input_shape[0]) != in_channels:
+        raise SystemExit(f"serve-teacher: in_channels={in_channels} but the input shape has {input_shape[0]}")
+    a = argparse.Namespace(teacher=spec, teacher_model=arch, num_classes=num_classes,
+                           input_shape=tuple(input_shape) if input_shape else None, trust_teacher_file=trust)
     try:
-        model, info = load_teacher(spec, model=arch, num_classes=num_classes,
-                                   in_channels=in_channels or (int(input_shape[0]) if input_shape else None))
+        model, _info, c, shape = resolve_teacher(a, torch.device("cpu"))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"serve-teacher: {e}")
-    input_shape = input_shape or info.get("input_shape")
-    if input_shape is None:
-        raise SystemExit("serve-teacher: give the input shape of one sample, e.g. --input-shape 1,16,16")
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros([1] + list(input_shape)))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"serve-teacher: the model does not take inputs of shape [N, "
-                         f"{', '.join(map(str, input_shape))}]: {first}")
-    c = int(out.shape[-1])
-    if num_classes is not None and c != num_classes:
-        raise SystemExit(f"serve-teacher: the model answers with {c} scores, --num-classes says {num_classes}")
-    return model, list(input_shape), c
+    return model, list(shape), c
 
 
 def _shape(s: str):
@@ -111,11 +101,11 @@ def _run(args) -> int:
         return 2
     try:
         model, shape, c = load_model(args.model, arch=args.arch, num_classes=args.num_classes,
-                                     input_shape=args.input_shape)
+                                     input_shape=args.input_shape, trust=args.trust_teacher_file)
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
-    name = args.name or ("digits" if args.model == "digits" else "teacher")
+    name = args.name or (args.model if args.model in ("digits", "fmnist", "fmnist-bn") else "teacher")
     print(f"serving {args.model} as model {name!r} ({args.response} responses, input [N, "
           f"{', '.join(map(str, shape))}], {c} classes) at http://{args.host}:{args.port}/v2/models/{name} "
           f"on {args.device}; batches of up to {args.max_batch} within {args.batch_delay_ms:g} ms"
@@ -136,7 +126,8 @@ def register(sub) -> None:
                     "only (--response hard). Concurrent requests are batched into one model call. "
                     "MODEL is 'digits' (the bundled digits teacher), a TorchScript file, or a "
                     "fastkd teacher checkpoint, or a state_dict (with --arch).")
-    s.add_argument("model", metavar="MODEL", help="'digits', a TorchScript file or a torch.save checkpoint")
+    s.add_argument("model", metavar="MODEL", help="'digits', 'fmnist', 'fmnist-bn', or a teacher file: TorchScript, "
+                   "torch.export (.pt2), a fastkd checkpoint, or a state_dict with --arch")
     s.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     s.add_argument("--response", choices=["soft", "hard"], default="soft",
@@ -145,7 +136,11 @@ def register(sub) -> None:
     s.add_argument("--input-shape", type=_shape,
                    help="shape of one sample, e.g. 1,16,16 (read from the checkpoint if there)")
     s.add_argument("--num-classes", type=_int_in(2), help="check the model's output width")
-    s.add_argument("--arch", help="architecture of a bare state_dict (a fastkd.models name)")
+    s.add_argument("--arch", "--teacher-model", dest="arch", metavar="ARCH",
+                   help="architecture of a bare state_dict: a fastkd model name, torchvision:NAME, timm:NAME or "
+                        "package.module:factory")
+    s.add_argument("--trust-teacher-file", action="store_true",
+                   help="allow a model saved whole with torch.save(model): loading it runs code from the file")
     s.add_argument("--device", type=_device, default="cpu",
                    help="where the model runs: cpu, cuda, cuda:N (default: %(default)s)")
     s.add_argument("--max-batch", type=_int_in(1), default=1024,
