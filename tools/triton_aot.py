@@ -236,13 +236,19 @@ def _calls_bn_stats(t, full):
     from fastkd.ops._common import compute_dtype
     from fastkd.ops._triton import bn_stats as m
 
-    for dtype in _floats():
-        cd = compute_dtype(dtype)
-        for shape in ((4, 3, 5, 7), (6, 3)):
-            x = t(shape, dtype)
-            C = shape[1]
-            loss, mean, var, norms = m.bn_stats_fwd(x, t((C,), cd), t((C,), cd))
-            m.bn_stats_bwd(t((), dtype), x, mean, var, t((C,), cd), t((C,), cd), norms.abs() + 1.0)
+    # i32_end 0: the 64-bit index path (inputs of 2**31 elements and more)
+    saved = m._I32_END
+    try:
+        for dtype, i32_end in itertools.product(_floats(), (saved, 0)):
+            m._I32_END = i32_end
+            cd = compute_dtype(dtype)
+            for shape in ((4, 3, 5, 7), (6, 3)):
+                x = t(shape, dtype)
+                C = shape[1]
+                loss, mean, var, norms = m.bn_stats_fwd(x, t((C,), cd), t((C,), cd))
+                m.bn_stats_bwd(t((), dtype), x, mean, var, t((C,), cd), t((C,), cd), norms.abs() + 1.0)
+    finally:
+        m._I32_END = saved
 
 
 def _calls_contrastive(t, full):

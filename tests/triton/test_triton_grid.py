@@ -92,7 +92,10 @@ def test_image_distance_several_blocks_and_samples():
     torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, ar)[0], **F64)
 
 
-def test_bn_stats_several_chunks_and_channels():
+@pytest.mark.parametrize("index_bits", [32, 64])
+def test_bn_stats_several_chunks_and_channels(index_bits, monkeypatch):
+    if index_bits == 64:  # the path of inputs with 2**31 elements or more
+        monkeypatch.setattr(tbn, "_I32_END", 0)
     x = _r(5, 3, 29, 31, requires_grad=True)  # 4495 per channel: 5 chunks, the last partial
     iters, nchunk, grid = tbn.bn_partial_grid(3, 5 * 29 * 31)
     assert nchunk == 5 and grid == (15,)

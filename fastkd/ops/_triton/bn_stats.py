@@ -4,6 +4,9 @@ Forward: one program per (channel, chunk); each reduces a chunk of one channel's
 shifted sums (x - K_c) and (x - K_c)^2 with K_c = x[0, c, 0] (limits cancellation); the
 (C, chunks) partials are folded into mean, variance and the two norms. Backward: one
 elementwise pass, grad = a_c + b_c * (x - mu_c).
+
+Element indices are split into (sample, position) or channel with 32-bit division when
+every index fits (I32; 64-bit integer division is several times slower on a GPU).
 """
 from __future__ import annotations
 
@@ -17,20 +20,24 @@ from ..bn_stats import _make_backward, _setup_context
 
 
 @triton.jit
-def _bn_partial_kernel(x_ptr, part_ptr, C, S, M, nchunk, ITERS, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_partial_kernel(x_ptr, part_ptr, C, S, M, nchunk, ITERS, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                       I32: tl.constexpr):
     pid = tl.program_id(0)
     c = (pid // nchunk).to(tl.int64)
     k = pid % nchunk
     shift = tl.load(x_ptr + c * S).to(ACC)
     s1 = tl.zeros([BLOCK], ACC)
     s2 = tl.zeros([BLOCK], ACC)
-    base = k.to(tl.int64) * ITERS * BLOCK
+    if I32:
+        base = k * ITERS * BLOCK
+    else:
+        base = k.to(tl.int64) * ITERS * BLOCK
     for it in range(0, ITERS):
         j = base + it * BLOCK + tl.arange(0, BLOCK)
         m = j < M
         n = j // S
         s = j % S
-        v = tl.load(x_ptr + n * C * S + c * S + s, mask=m, other=0.0).to(ACC)
+        v = tl.load(x_ptr + n.to(tl.int64) * C * S + c * S + s, mask=m, other=0.0).to(ACC)
         d = tl.where(m, v - shift, 0.0)
         s1 += d
         s2 += d * d
@@ -40,8 +47,12 @@ def _bn_partial_kernel(x_ptr, part_ptr, C, S, M, nchunk, ITERS, ACC: tl.constexp
 
 
 @triton.jit
-def _bn_bwd_kernel(x_ptr, g_ptr, a_ptr, b_ptr, mu_ptr, C, S, total, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _bn_bwd_kernel(x_ptr, g_ptr, a_ptr, b_ptr, mu_ptr, C, S, total, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                   I32: tl.constexpr):
+    if I32:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < total
     c = (i // S) % C
     x = tl.load(x_ptr + i, mask=m, other=0.0).to(ACC)
@@ -56,6 +67,8 @@ def _acc(dtype):
 
 
 _BLOCK = 1024
+# Indices below this use 32-bit arithmetic (a module constant so that tests can lower it).
+_I32_END = 2**31
 
 
 def bn_partial_grid(C: int, M: int) -> tuple[int, int, tuple[int]]:
@@ -77,7 +90,8 @@ def bn_stats_fwd(x: torch.Tensor, running_mean: torch.Tensor,
     part = torch.empty((C, nchunk, 2), dtype=cd, device=x.device)
     with on_device(x):
         wrap_triton(_bn_partial_kernel)[grid](
-            x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=_BLOCK)
+            x, part, C, S, M, nchunk, ITERS, ACC=_acc(cd), BLOCK=_BLOCK,
+            I32=nchunk * ITERS * _BLOCK < _I32_END)
     sums = part.sum(1)
     shift = x.view(N, C, S)[0, :, 0].to(cd)
     d1 = sums[:, 0] / M
@@ -104,7 +118,8 @@ def bn_stats_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
     total = x.numel()
     with on_device(x):
         wrap_triton(_bn_bwd_kernel)[grid_1d(triton.cdiv(total, _BLOCK), "bn_stats_loss")](
-            x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=_BLOCK)
+            x, gx, a.contiguous(), b.contiguous(), mean.contiguous(), C, S, total, ACC=_acc(cd), BLOCK=_BLOCK,
+            I32=triton.cdiv(total, _BLOCK) * _BLOCK < _I32_END)
     return gx
 
 
