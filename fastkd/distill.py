@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -258,7 +260,8 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                   loss: str = "soft_ce", amp: bool | None = None, eval_data=None, eval_every: int = 1,
                   device=None, seed: int | None = 0, progress: bool = True,
                   distributed: bool | None = None, augment: str | None = None,
-                  log: Callable[[str], None] | None = None) -> History:
+                  log: Callable[[str], None] | None = None, checkpoint: str | None = None,
+                  name: str = "student") -> History:
     """Distill ``student`` on ``data``; returns a :class:`History`.
 
     Args:
@@ -289,6 +292,11 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
             ~ U(0, 1)). E.g. "shift+flip+mixup". Data-free: it only needs the teacher and
             the (synthetic) inputs. Needs ``teacher`` and (N, C, H, W) inputs.
         log: where progress lines go (default: print to stderr).
+        checkpoint: a file written after every epoch (student, optimiser, schedule, random
+            states, history); a call that finds one from the same configuration resumes
+            after its last epoch and reaches the same weights as an uninterrupted run. It is
+            removed when training completes. One from another configuration is an error.
+        name: what the progress lines call the model ("student", "noise baseline", ...).
     """
     op = "train_student"
     aug_ops = parse_augment(augment, op)
@@ -298,9 +306,9 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         raise TypeError(f"{op}: student must be an nn.Module, got {type(student).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"{op}: teacher must be an nn.Module or None, got {type(teacher).__name__}")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
+    for arg, v in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{op}: {name} must be a positive int, got {v!r}")
+            raise ValueError(f"{op}: {arg} must be a positive int, got {v!r}")
     if not lr > 0:
         raise ValueError(f"{op}: lr must be > 0, got {lr!r}")
     if schedule not in ("onecycle", "cosine", "constant"):
@@ -356,8 +364,16 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                                world_size=world if use_ddp else 1,
                                num_parameters=sum(p.numel() for p in student.parameters())))
     t_start = time.perf_counter()
-    bar = Progress(epochs, "distill", enabled=show, unit="epoch", min_interval=0.0, write=log)
-    for ep in range(epochs):
+    start = 0
+    ckey = None
+    if checkpoint is not None:
+        ckey = dict(hist.config, num_samples=_num_samples(data), student=type(student).__name__)
+        start = _resume(checkpoint, ckey, student, opt, sched, gen, aug_gen, hist, dev, op)
+        if start and show:
+            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+                f"distill [{name}]: resuming after epoch {start} of {epochs} from {checkpoint}")
+    bar = Progress(epochs - start, f"distill [{name}]", enabled=show, unit="epoch", min_interval=0.0, write=log)
+    for ep in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         tot, cnt = 0.0, 0
@@ -393,12 +409,64 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         if eval_data is not None and ((ep + 1) % eval_every == 0 or ep + 1 == epochs):
             rec["eval_acc"] = evaluate(student, eval_data, device=dev)
         hist.epochs.append(rec)
+        if checkpoint is not None and rank == 0 and ep + 1 < epochs:
+            _save_checkpoint(checkpoint, ckey, ep + 1, student, opt, sched, gen, aug_gen, hist)
         if show:
             info = f"loss {rec['loss']:.4f}" + (f" acc {100 * rec['eval_acc']:.2f}%" if "eval_acc" in rec else "")
             bar.update(1, info)
     bar.close()
     hist.seconds = time.perf_counter() - t_start
+    if checkpoint is not None and rank == 0 and os.path.exists(checkpoint):
+        os.remove(checkpoint)  # finished: the trained student is the caller's to save
     return hist
+
+
+CHECKPOINT_FORMAT = "fastkd.student-checkpoint/1"
+
+
+def _num_samples(data) -> int | None:
+    try:
+        return len(data) if not isinstance(data, (tuple, list)) else int(data[0].shape[0])
+    except TypeError:  # a loader without a length
+        return None
+
+
+def _save_checkpoint(path, key, epoch, student, opt, sched, gen, aug_gen, hist) -> None:
+    obj = {"format": CHECKPOINT_FORMAT, "key": key, "epoch": epoch,
+           "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+           "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+           "gen": gen.get_state(), "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+           "epochs": hist.epochs}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path, key, student, opt, sched, gen, aug_gen, hist, dev, op) -> int:
+    """Load a checkpoint of the same configuration; returns the epoch to continue from."""
+    if not os.path.exists(path):
+        return 0
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{op}: checkpoint {path!r} does not load ({type(e).__name__}); remove it") from e
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{op}: checkpoint {path!r} is not a fastkd student checkpoint")
+    if obj["key"] != key:
+        diff = sorted(k for k in set(key) | set(obj["key"]) if key.get(k) != obj["key"].get(k))
+        raise ValueError(f"{op}: checkpoint {path!r} was written by a run with another configuration "
+                         f"(differs in {', '.join(diff)}); remove it or use another folder")
+    student.load_state_dict(obj["student"])
+    student.to(dev)
+    opt.load_state_dict(obj["optimizer"])
+    if sched is not None and obj["scheduler"] is not None:
+        sched.load_state_dict(obj["scheduler"])
+    gen.set_state(obj["gen"])
+    aug_gen.set_state(obj["aug_gen"])
+    torch.set_rng_state(obj["torch_rng"])
+    hist.epochs.extend(obj["epochs"])
+    return int(obj["epoch"])
 
 
 def _nonfinite_cause(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> str:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,48 @@ def test_train_student_augment_bad_input():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         distill.train_student(torch.nn.Linear(5, 3), flat, teacher=mlp_teacher, augment="shift", epochs=1,
                               progress=False)
+
+
+def test_train_student_checkpoint_resumes_to_the_same_weights(tmp_path):
+    from fastkd import models
+    from fastkd.distill import train_student
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 8, 8)
+    p = torch.softmax(torch.randn(96, 10), 1)
+
+    def fresh():
+        torch.manual_seed(1)
+        return models.create("cnn_half", input_size=8)
+
+    full = fresh()
+    h_full = train_student(full, (x, p), epochs=4, batch_size=32, lr=0.1, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    lines = []
+
+    def interrupt(line):
+        lines.append(line)
+        if "2/4" in line:
+            raise Stop  # killed right after epoch 2 was checkpointed
+
+    ck = str(tmp_path / "ck.pt")
+    with pytest.raises(Stop):
+        train_student(fresh(), (x, p), epochs=4, batch_size=32, lr=0.1, log=interrupt, checkpoint=ck, name="student")
+    assert os.path.exists(ck) and lines[0].startswith("distill [student]")
+    resumed = fresh()
+    msgs = []
+    h = train_student(resumed, (x, p), epochs=4, batch_size=32, lr=0.1, log=msgs.append, checkpoint=ck)
+    assert any("resuming after epoch 2 of 4" in m for m in msgs) or h.epochs[0]["epoch"] == 1
+    assert [e["epoch"] for e in h.epochs] == [1, 2, 3, 4]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert h.epochs[-1]["loss"] == h_full.epochs[-1]["loss"]
+    assert not os.path.exists(ck)  # removed once training completed
+    # a checkpoint of another configuration is refused, not silently mixed in
+    with pytest.raises(Stop):
+        train_student(fresh(), (x, p), epochs=4, batch_size=32, lr=0.1, log=interrupt, checkpoint=ck)
+    with pytest.raises(ValueError, match="another configuration .*lr"):
+        train_student(fresh(), (x, p), epochs=4, batch_size=32, lr=0.2, progress=False, checkpoint=ck)

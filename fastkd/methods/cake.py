@@ -147,6 +147,7 @@ def noise_baseline(teacher, student, *, num_samples: int, input_shape, epochs: i
         x.clamp_(float(clamp[0]), float(clamp[1]))
     dev = next(iter(teacher.parameters())).device
     p = teacher_probs(teacher, x, device=dev)
+    train_kwargs.setdefault("name", "noise baseline")
     return train_student(student, (x, p), teacher=teacher, epochs=epochs, seed=seed, eval_data=eval_data,
                          progress=progress, **train_kwargs)
 
@@ -410,7 +411,8 @@ def run(teacher, student, *, config: CAKEConfig, input_shape, num_classes: int, 
                               lr=config.student_lr, temperature=config.temperature, loss=config.loss,
                               eval_data=eval_data, seed=config.seed, progress=progress, device=device,
                               augment=None if config.augment == "none" or not image else config.augment,
-                              teacher=teacher if config.augment != "none" else None)
+                              teacher=teacher if config.augment != "none" else None,
+                              checkpoint=os.path.join(out_dir, "student_checkpoint.pt") if out_dir else None)
     grid = None
     if out_dir is not None and _dist.rank() == 0 and image and input_shape[0] in (1, 3):
         try:

@@ -130,7 +130,8 @@ def run(teacher: nn.Module, student: nn.Module, *, config: Config, input_shape, 
                     progress=progress, log=log)
     t_syn = time.perf_counter() - t0
     h = train_student(student, ds, epochs=config.epochs, batch_size=config.student_batch_size, lr=config.student_lr,
-                      eval_data=eval_data, seed=config.seed, progress=progress, device=device, log=log)
+                      eval_data=eval_data, seed=config.seed, progress=progress, device=device, log=log,
+                      checkpoint=os.path.join(out_dir, "student_checkpoint.pt") if out_dir else None)
     grid = None
     if out_dir is not None and len(input_shape) == 3 and input_shape[0] in (1, 3):
         grid = save_image_grid(ds.inputs[:64], os.path.join(out_dir, "samples.png"),
