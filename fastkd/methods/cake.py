@@ -18,6 +18,7 @@ import torch
 from fastkd import _dist
 from fastkd._run import Parser as _Parser
 from fastkd.methods._cli import add_config_args, config_from, pixel_range, positive, student_kwargs
+from fastkd.methods.baselines import noise_baseline
 
 METHODS = ["cake", "lake"]
 
@@ -134,24 +135,6 @@ _rank = _dist.rank
 
 
 # --------------------------------------------------------------------------- pieces
-def noise_baseline(teacher, student, *, num_samples: int, input_shape, epochs: int, seed: int = 0,
-                   eval_data=None, progress: bool = True, clamp=None, **train_kwargs):
-    """The no-skill baseline: distil ``student`` on ``num_samples`` N(0, I) inputs labelled by
-    the teacher, with the same recipe as the method it is compared with. ``clamp=(lo, hi)``
-    clamps the noise to the pixel range, as the method's synthesis does when it clamps."""
-    from fastkd.distill import teacher_probs, train_student
-
-    g = torch.Generator().manual_seed(10_000 + seed)
-    x = torch.randn((num_samples, *input_shape), generator=g)
-    if clamp is not None:
-        x.clamp_(float(clamp[0]), float(clamp[1]))
-    dev = next(iter(teacher.parameters())).device
-    p = teacher_probs(teacher, x, device=dev)
-    train_kwargs.setdefault("name", "noise baseline")
-    return train_student(student, (x, p), teacher=teacher, epochs=epochs, seed=seed, eval_data=eval_data,
-                         progress=progress, **train_kwargs)
-
-
 def save_sample_grid(ds, path: str, per_class: int = 8, title: str | None = None) -> str:
     """PNG grid of synthesized samples: one row per class, ``per_class`` columns spread over
     the step-size schedule (early to late batches)."""

@@ -431,8 +431,9 @@ def run_noise(teacher, edge: torch.Tensor, *, num_classes: int, cfg: MEKDConfig,
               progress: bool = True, log=print) -> dict:
     """The no-skill baseline (GUIDE.md): the whole budget on N(0, I) images, Hinton loss only."""
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed + 7)
-    x = torch.randn((cfg.budget or edge.shape[0],) + tuple(edge.shape[1:]), generator=g)
+    from .baselines import noise_inputs
+
+    x = noise_inputs(cfg.budget or edge.shape[0], edge.shape[1:], seed=cfg.seed + 7)
     x, t = query_planned(teacher, x, cfg.query_batch)
     student, hist = _fresh_student(x, t, edge, G=None, num_classes=num_classes, cfg=cfg, eval_data=eval_data,
                                    progress=progress, log=log)

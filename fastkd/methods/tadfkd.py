@@ -281,6 +281,7 @@ def noise_baseline(teacher: nn.Module, student: nn.Module, *, config: TADFKDConf
     """The no-skill baseline: the same student recipe (L1 on logits, same number of steps
     and schedule) on N(0, I) inputs instead of generated ones. Returns the test accuracy."""
     from ..distill import evaluate
+    from .baselines import noise_inputs
 
     cfg = (config or TADFKDConfig()).validate()
     dev = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -292,7 +293,7 @@ def noise_baseline(teacher: nn.Module, student: nn.Module, *, config: TADFKDConf
     steps = cfg.iterations * cfg.student_steps
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        x = torch.randn((cfg.batch_size,) + tuple(image_shape), generator=rng).to(dev)
+        x = noise_inputs(cfg.batch_size, image_shape, seed=0, generator=rng).to(dev)
         with torch.no_grad():
             t = teacher(x)
         loss = F.l1_loss(student(x), t)

@@ -1,0 +1,35 @@
+"""The no-skill baseline every method is compared with: the student distilled, with the
+method's own recipe and budget, on Gaussian noise labelled by the teacher instead of on the
+method's data. Its inputs come from :func:`noise_inputs` in every method; CAKE/LAKE's recipe
+(:func:`fastkd.distill.train_student`) is :func:`noise_baseline`, TA-DFKD's and MEKD's are in
+their modules (their students train with their own losses)."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["noise_inputs", "noise_baseline"]
+
+
+def noise_inputs(n: int, shape, *, seed: int, clamp=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` N(0, I) inputs of ``shape`` (one sample's), drawn from ``generator`` or one seeded
+    with ``seed``; ``clamp=(lo, hi)`` keeps them in the pixel range, as a clamped synthesis does."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *tuple(shape)), generator=g)
+    if clamp is not None:
+        x.clamp_(float(clamp[0]), float(clamp[1]))
+    return x
+
+
+def noise_baseline(teacher, student, *, num_samples: int, input_shape, epochs: int, seed: int = 0,
+                   eval_data=None, progress: bool = True, clamp=None, **train_kwargs):
+    """Distil ``student`` on ``num_samples`` noise inputs labelled by the teacher, with the same
+    :func:`fastkd.distill.train_student` recipe as the method it is compared with (CAKE/LAKE,
+    DeepInversion). Returns the :class:`fastkd.distill.History`."""
+    from ..distill import teacher_probs, train_student
+
+    x = noise_inputs(num_samples, input_shape, seed=10_000 + seed, clamp=clamp)
+    dev = next(iter(teacher.parameters())).device
+    p = teacher_probs(teacher, x, device=dev)
+    train_kwargs.setdefault("name", "noise baseline")
+    return train_student(student, (x, p), teacher=teacher, epochs=epochs, seed=seed, eval_data=eval_data,
+                         progress=progress, **train_kwargs)
