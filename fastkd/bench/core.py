@@ -40,12 +40,11 @@ def _discover() -> None:
     _DISCOVERED = True
     import pkgutil
 
-    import fastkd.bench as pkg
-
-    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+    here = os.path.dirname(os.path.abspath(__file__))  # the op modules beside this one
+    for mod in sorted(m.name for m in pkgutil.iter_modules([here])):
         if mod == "core":
             continue
-        m = importlib.import_module(f"fastkd.bench.{mod}")
+        m = importlib.import_module(f"{__package__}.{mod}")
         for op, fn in getattr(m, "OPS", {}).items():
             _REGISTRY.setdefault(op, fn)
 

@@ -46,13 +46,11 @@ from torch import nn
 from .. import _dist, ops
 from .._progress import Progress
 from ..nn.cake import CAKELoss
-from .dataset import SyntheticDataset
+from .dataset import MANIFEST, SHARD_FORMAT, ShardMismatchError, SyntheticDataset, _shard_path, load_shards
 
 __all__ = ["cake", "lake", "step_sizes", "class_prior_labels", "load_shards", "ShardMismatchError",
            "DEFAULTS"]
 
-MANIFEST = "manifest.json"
-SHARD_FORMAT = "fastkd.synthetic-shard/1"
 _SHARD_RE = re.compile(r"^batch_(\d{6})\.pt$")
 
 #: Defaults of :func:`cake` (the authors' weights, normalisation and step schedule).
@@ -60,11 +58,6 @@ DEFAULTS = dict(batch_size=100, steps=200, w_cls=1e3, w_contr=1e1, w_tv=1e5, lr=
                 schedule="loglinear")
 
 
-class ShardMismatchError(RuntimeError):
-    """out_dir holds shards written by a run with another configuration or teacher."""
-
-
-# --------------------------------------------------------------------------- pieces
 def step_sizes(num_batches: int, start: float, end: float, schedule: str = "loglinear") -> list[float]:
     """Per-batch step sizes from ``start`` (first batch) to ``end`` (last batch).
 
@@ -232,10 +225,6 @@ def _probe(teacher, num_classes, input_shape, device):
 
 
 # --------------------------------------------------------------------------- shards
-def _shard_path(out_dir: str, b: int) -> str:
-    return os.path.join(out_dir, f"batch_{b:06d}.pt")
-
-
 def _existing_shards(out_dir: str) -> dict[int, str]:
     out = {}
     for name in os.listdir(out_dir):
@@ -290,45 +279,13 @@ def _prepare_out_dir(out_dir: str, manifest: dict, rank: int) -> set[int]:
     return done
 
 
-def _write_shard(out_dir: str, b: int, key: str, x, p, y, seconds: float, lr: float | None = None) -> None:
+def _write_shard(out_dir: str, b: int, key: str, x, p, y, seconds: float, lr: float | None = None,
+                 lr_scheduled: float | None = None) -> None:
     path = _shard_path(out_dir, b)
     tmp = path + f".tmp{os.getpid()}"
     torch.save({"format": SHARD_FORMAT, "key": key, "batch": b, "inputs": x, "probs": p, "labels": y,
-                "seconds": seconds, "lr": lr}, tmp)
+                "seconds": seconds, "lr": lr, "lr_scheduled": lr_scheduled}, tmp)
     os.replace(tmp, path)
-
-
-def load_shards(out_dir: str, *, allow_incomplete: bool = False) -> SyntheticDataset:
-    """Assemble the :class:`SyntheticDataset` of a synthesis ``out_dir`` (batches in order)."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load_shards: {out_dir!r} has no {MANIFEST}; not a synthesis out_dir")
-    with open(path) as f:
-        man = json.load(f)
-    xs, ps, ys, missing, backoffs = [], [], [], [], []
-    cfg = man.get("config", {})
-    lrs = (step_sizes(man["num_batches"], cfg["lr"][0], cfg["lr"][1], cfg["schedule"])
-           if cfg.get("lr") and cfg.get("schedule") else None)
-    for b in range(man["num_batches"]):
-        p = _shard_path(out_dir, b)
-        if not os.path.exists(p):
-            missing.append(b)
-            continue
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        if obj.get("key") != man["key"]:
-            raise ShardMismatchError(f"load_shards: {p} belongs to another run")
-        xs.append(obj["inputs"])
-        ps.append(obj["probs"])
-        ys.append(obj["labels"])
-        if lrs is not None and obj.get("lr") is not None and obj["lr"] != lrs[b]:
-            backoffs.append([b, obj["lr"]])
-    if missing and not allow_incomplete:
-        raise RuntimeError(f"load_shards: {out_dir!r} is incomplete: {len(missing)} of {man['num_batches']} "
-                           f"batches missing (first: {missing[:5]}); rerun the synthesis to finish it")
-    meta = dict(man.get("config", {}))
-    meta["out_dir"] = os.path.abspath(out_dir)
-    meta["backoffs"] = backoffs
-    return SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys), meta)
 
 
 # --------------------------------------------------------------------------- main loop
@@ -505,7 +462,7 @@ def _run(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cl
         xc, yc = x.cpu(), y.cpu()
         dt = time.perf_counter() - t0
         if out_dir is not None:
-            _write_shard(out_dir, b, key, xc, probs, yc, dt, lr=eps)
+            _write_shard(out_dir, b, key, xc, probs, yc, dt, lr=eps, lr_scheduled=lrs[b])
         else:
             results[b] = (xc, probs, yc, eps)
         agree = (probs.argmax(1) == yc).float().mean().item()

@@ -2,14 +2,26 @@
 intended labels, and the configuration that produced them)."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SyntheticDataset", "FORMAT"]
+__all__ = ["SyntheticDataset", "FORMAT", "load_shards", "ShardMismatchError"]
 
 FORMAT = "fastkd.synthetic/1"
+#: A synthesis out_dir: MANIFEST (configuration, key) and one shard file per finished batch.
+MANIFEST = "manifest.json"
+SHARD_FORMAT = "fastkd.synthetic-shard/1"
+
+
+class ShardMismatchError(RuntimeError):
+    """out_dir holds shards written by a run with another configuration or teacher."""
+
+
+def _shard_path(out_dir: str, b: int) -> str:
+    return os.path.join(out_dir, f"batch_{b:06d}.pt")
 
 
 class SyntheticDataset(Dataset):
@@ -73,8 +85,6 @@ class SyntheticDataset(Dataset):
     def load(cls, path: str) -> "SyntheticDataset":
         """Read a file written by :meth:`save`, or a synthesis ``out_dir`` (its shards)."""
         if os.path.isdir(path):
-            from .cake_synthesis import load_shards
-
             return load_shards(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"SyntheticDataset.load: no such file {path!r}")
@@ -87,3 +97,33 @@ class SyntheticDataset(Dataset):
     def __repr__(self) -> str:
         return (f"SyntheticDataset(n={len(self)}, input_shape={self.input_shape}, "
                 f"num_classes={self.num_classes})")
+
+
+def load_shards(out_dir: str, *, allow_incomplete: bool = False) -> SyntheticDataset:
+    """Assemble the :class:`SyntheticDataset` of a synthesis ``out_dir`` (batches in order)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_shards: {out_dir!r} has no {MANIFEST}; not a synthesis out_dir")
+    with open(path) as f:
+        man = json.load(f)
+    xs, ps, ys, missing, backoffs = [], [], [], [], []
+    for b in range(man["num_batches"]):
+        p = _shard_path(out_dir, b)
+        if not os.path.exists(p):
+            missing.append(b)
+            continue
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        if obj.get("key") != man["key"]:
+            raise ShardMismatchError(f"load_shards: {p} belongs to another run")
+        xs.append(obj["inputs"])
+        ps.append(obj["probs"])
+        ys.append(obj["labels"])
+        if obj.get("lr") is not None and obj.get("lr_scheduled") is not None and obj["lr"] != obj["lr_scheduled"]:
+            backoffs.append([b, obj["lr"]])
+    if missing and not allow_incomplete:
+        raise RuntimeError(f"load_shards: {out_dir!r} is incomplete: {len(missing)} of {man['num_batches']} "
+                           f"batches missing (first: {missing[:5]}); rerun the synthesis to finish it")
+    meta = dict(man.get("config", {}))
+    meta["out_dir"] = os.path.abspath(out_dir)
+    meta["backoffs"] = backoffs
+    return SyntheticDataset(torch.cat(xs), torch.cat(ps), torch.cat(ys), meta)
