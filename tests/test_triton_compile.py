@@ -104,6 +104,8 @@ def _cases():
         ("sliced_project", ops.sliced_project.default, (_t(20, 70, grad=True), 18, 5)),
         ("sliced_backproject", ops.sliced_backproject.default, (_t(20, 18), _t(18).abs() + 0.1, 70, 5)),
         ("bn_stats_fwd", ops.bn_stats_fwd.default, (_t(4, 3, 5, 7, grad=True), _t(3), _t(3).abs())),
+        ("bn_stats_fwd/channels_last", ops.bn_stats_fwd.default,
+         (_t(4, 3, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True), _t(3), _t(3).abs())),
         ("bn_stats_bwd", ops.bn_stats_bwd.default,
          (_t(()), _t(4, 3, 5, 7), _t(3), _t(3).abs(), _t(3), _t(3).abs(), _t(2).abs() + 1)),
         ("langevin_step_", ops.langevin_step_.default,

@@ -233,6 +233,7 @@ def _calls_image_distance(t, full):
 
 
 def _calls_bn_stats(t, full):
+    import torch
     from fastkd.ops._common import compute_dtype
     from fastkd.ops._triton import bn_stats as m
 
@@ -242,8 +243,10 @@ def _calls_bn_stats(t, full):
         for dtype, i32_end in itertools.product(_floats(), (saved, 0)):
             m._I32_END = i32_end
             cd = compute_dtype(dtype)
-            for shape in ((4, 3, 5, 7), (6, 3)):
+            for shape, cl in (((4, 3, 5, 7), False), ((6, 3), False), ((4, 3, 5, 7), True), ((2, 70, 3, 5), True)):
                 x = t(shape, dtype)
+                if cl:  # channels-last activations: read in place
+                    x = x.contiguous(memory_format=torch.channels_last)
                 C = shape[1]
                 loss, mean, var, norms = m.bn_stats_fwd(x, t((C,), cd), t((C,), cd))
                 m.bn_stats_bwd(t((), dtype), x, mean, var, t((C,), cd), t((C,), cd), norms.abs() + 1.0)

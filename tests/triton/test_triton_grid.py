@@ -163,3 +163,19 @@ def test_langevin_several_programs(shape, tv_weight, noise_std):
                    backend="triton")
     tol = dict(rtol=1e-12, atol=1e-12) if noise_std == 0.0 else dict(rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 29, 31), (4, 70, 9, 11)], ids=["C=3", "C=70: 2 channel blocks"])
+def test_bn_stats_channels_last_in_place(shape):
+    N, C, H, W = shape
+    br, bc, iters, nchunk, grid = tbn.bn_partial_cl_grid(C, N * H * W)
+    assert nchunk > 1 and grid[0] > 1 and (N * H * W) % (br * iters)
+    x = _r(*shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    rm, rv = _r(C), _r(C).abs()
+    xr = x.detach().contiguous().requires_grad_(True)
+    got = bn_stats_loss(x, rm, rv, backend="triton")
+    want = bn_stats_loss_reference(xr, rm, rv)
+    torch.testing.assert_close(got, want, **F64)
+    (gx,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(gx, torch.autograd.grad(want, xr)[0], **F64)
+    assert gx.is_contiguous(memory_format=torch.channels_last)  # written in place, not via a copy
