@@ -118,10 +118,19 @@ def _sliced(be, dev, dt):
     return [y, _grad(y, a)]
 
 
-def _bn_stats(be, dev, dt):
+def _bn_stats(channels_last: bool):
+    def run(be, dev, dt):
+        return _bn_stats_run(be, dev, dt, channels_last)
+    return run
+
+
+def _bn_stats_run(be, dev, dt, channels_last):
     from fastkd.ops import bn_stats_loss, bn_stats_loss_reference
 
-    x = _inp((6, 4, 29, 31), dt, dev, 14, grad=True)  # 5394 per channel: several chunks
+    x = _inp((6, 4, 29, 31), dt, dev, 14)  # 5394 per channel: several chunks
+    if channels_last:  # what a BN hook sees in a channels-last network
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     rm, rv = _inp((4,), dt, dev, 15), _inp((4,), dt, dev, 16).abs() + 0.5
     y = bn_stats_loss_reference(x, rm, rv) if be is None else bn_stats_loss(x, rm, rv, backend=be)
     return [y, _grad(y, x)]
@@ -146,7 +155,8 @@ CHECKS = (
     Check("pairwise_sqdist", _sqdist),
     # the directions are float32 normals, computed in the kernels
     Check("wasserstein (sliced)", _sliced, tol=(1e-4, 1e-5)),
-    Check("bn_stats_loss", _bn_stats),
+    Check("bn_stats_loss", _bn_stats(False)),
+    Check("bn_stats_loss (NHWC)", _bn_stats(True)),
     # one float32 program whatever the dtype (fastkd.ops.gmm)
     Check("gmm_fit", _gmm, backends=("triton", "torch"), tol=(1e-4, 1e-4)),
 )
