@@ -31,8 +31,6 @@ def _run(a) -> int:
 
 
 def register(sub) -> None:
-    import argparse
-
     from fastkd.methods._cli import add_teacher_args
     from fastkd.methods.cake import add_synthesis_args
 
@@ -44,12 +42,12 @@ def register(sub) -> None:
                     "split between the processes. Writes OUT/dataset.pt (fastkd.synthesis.SyntheticDataset) and "
                     "OUT/samples.png.",
         epilog="example: fastkd synthesize --teacher digits --num-samples 2000 --out runs/digits-syn",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     s.add_argument("--method", choices=["cake", "lake"], default="cake")
     add_teacher_args(s)
     add_synthesis_args(s)
     s.add_argument("--out", required=True, help="output folder (shards, dataset.pt, samples.png)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="batch b depends on (seed, b) (default: 0)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--no-grid", action="store_true", help="do not write samples.png")
     s.add_argument("--quiet", action="store_true")

@@ -342,8 +342,7 @@ def distill_cli(mod, argv) -> int:
 
     names = list(getattr(mod, "METHODS", None) or [mod.METHOD])
     doc = getattr(mod, "DESCRIPTION", None) or (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-    p = _run.Parser(prog=f"fastkd distill --method {'|'.join(names)}", description=doc,
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _run.Parser(prog=f"fastkd distill --method {'|'.join(names)}", description=doc)
     p.add_argument("--method", choices=names, default=names[0])
     add_teacher_args(p, required=not hasattr(mod, "load_teacher"))
     add_student_args(p, default=getattr(mod, "DEFAULT_STUDENT", None), training=False)
