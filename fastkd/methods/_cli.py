@@ -159,7 +159,8 @@ def add_eval_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
                    help="labelled images to evaluate teacher and student on: an image folder (one subfolder per "
                         "class, as torchvision's ImageFolder), an .npz or a .pt file (images and labels), or "
                         "'digits' / 'fmnist' (the bundled sets' test splits, at the teacher's input size); "
-                        "8-bit images are scaled to [0, 1] and normalised with --mean/--std"
+                        "8-bit images are scaled to [0, 1] and normalised with --mean/--std (default: the test "
+                        "split for the bundled teachers, none otherwise; 'none': no evaluation)"
                         + (f" (default: {default})" if default else ""))
     g.add_argument("--mean", type=float, nargs="+", metavar="M",
                    help="per-channel mean the teacher's inputs are normalised with, (x - mean) / std, e.g. "
@@ -191,6 +192,9 @@ def load_eval(a, shape, num_classes: int):
     from .. import data
 
     src = a.eval_data
+    if src is None:  # a bundled teacher is evaluated on its data set's test split by default
+        src = {"digits": "digits", "fmnist": "fmnist", "fmnist-bn": "fmnist"}.get(getattr(a, "teacher", None))
+        a.eval_data = src
     if not src or src == "none":
         return None
     if src in ("digits", "fmnist"):
