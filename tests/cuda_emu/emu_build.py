@@ -8,10 +8,12 @@ flags and the torch version, so a second run in the same checkout costs nothing.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +35,8 @@ def _compiler() -> str:
 
 
 def _inputs() -> list[str]:
-    files = glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True)
+    files = glob.glob(os.path.join(CSRC, "*.h"))  # what emu_ops.cpp can include: not csrc/cpu
+    files += glob.glob(os.path.join(CSRC, "common", "*")) + glob.glob(os.path.join(CSRC, "cuda", "*"))
     files += glob.glob(os.path.join(HERE, "**", "*.*"), recursive=True)
     return sorted(f for f in files if f.endswith((".h", ".cuh", ".cu", ".cpp")))
 
@@ -63,9 +66,23 @@ def _start(kind: str, source: str, flags: list[str], out_name: str) -> str:
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     cmd = [_compiler(), *cmd_flags, *flags, source, "-o", tmp, *libs]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: see _stop_pending
     _PENDING[path] = (proc, tmp, cmd)
     return path
+
+
+@atexit.register
+def _stop_pending() -> None:
+    """A run that never asked for the ThreadSanitizer build (pytest -k ...) leaves no compiler behind."""
+    for proc, tmp, _ in _PENDING.values():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the compiler driver and cc1plus under it
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _finish(path: str) -> str:
