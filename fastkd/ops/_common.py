@@ -64,3 +64,37 @@ def _interpreted(kernel) -> bool:
         if kernel is None:
             return False
     return False
+
+
+# --------------------------------------------------------------------------- Triton ops' autograd
+#: Triton op name -> factory(triton module) -> (backward, setup_context). Each op module
+#: (``ops/<op>.py``) states its Triton op's autograd here at import time; the Triton module
+#: (``ops/_triton/<op>.py``, which imports only this module) registers it when it is loaded.
+#: So the formula is written once, beside the op, and ``_triton`` never imports an op module.
+TRITON_AUTOGRAD: dict = {}
+
+
+def triton_autograd(name: str, factory) -> None:
+    """Declare the autograd of Triton op ``name`` (called by the op module)."""
+    TRITON_AUTOGRAD[name] = factory
+
+
+def register_triton_autograd(name: str, module) -> None:
+    """Register the declared autograd of ``name`` (called by the Triton module once it has
+    defined the op)."""
+    backward, setup = TRITON_AUTOGRAD[name](module)
+    torch.library.register_autograd(name, backward, setup_context=setup)
+
+
+def tv_num_terms(shape, diagonal: bool = False) -> int:
+    """Number of difference terms of a (N, C, H, W) batch (the divisor of ``"mean"``)."""
+    n, c, h, w = shape
+    per = (h - 1) * w + h * (w - 1) + (2 * (h - 1) * (w - 1) if diagonal else 0)
+    return n * c * per
+
+
+def sqdist_recompute_tau(dtype: torch.dtype) -> float:
+    """Relative size under which a squared distance from the GEMM form is recomputed directly
+    (cancellation): 1/64 in fp32/fp16, 1e-7 in fp64."""
+    return 1e-7 if dtype == torch.float64 else 1.0 / 64.0
+

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend as B
-from ._common import check_float, check_tensor, compute_dtype
+from ._common import check_float, check_tensor, compute_dtype, triton_autograd
 
 __all__ = ["bn_stats_loss", "bn_stats_loss_reference", "batch_stats_reference"]
 
@@ -145,3 +145,7 @@ def register_cpp() -> None:
 
 if B.has_extension():
     register_cpp()
+
+
+triton_autograd("fastkd_triton::bn_stats_fwd",
+                lambda m: (_make_backward(lambda: torch.ops.fastkd_triton.bn_stats_bwd), _setup_context))

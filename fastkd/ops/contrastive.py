@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend as B
-from ._common import check_float, check_reduction, check_tensor
+from ._common import check_float, check_reduction, check_tensor, triton_autograd
 
 __all__ = ["cross_class_contrastive", "cross_class_contrastive_reference", "contrastive_num_pairs"]
 
@@ -165,3 +165,6 @@ def register_cpp() -> None:
 
 if B.has_extension() and hasattr(torch.ops.fastkd, "cross_class_contrastive_fwd"):
     register_cpp()
+
+
+triton_autograd("fastkd_triton::cross_class_contrastive_fwd", lambda m: (_backward, _setup_context))

@@ -153,7 +153,7 @@ def gmm_fit(scores: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-2, reg_
     if be == "triton" and scores.shape[0] <= _TRITON_MAX_N:
         from ._triton import gmm as _tg
 
-        return _tg.gmm_fit_triton(scores, valid, max_iter, float(tol), float(reg_covar))
+        return GMMFit(*_tg.gmm_fit_triton(scores, valid, max_iter, float(tol), float(reg_covar)))
     return gmm_fit_reference(scores, valid, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend as B
-from ._common import check_float_pair, check_reduction, compute_dtype
+from ._common import check_float_pair, check_reduction, compute_dtype, triton_autograd
 
 __all__ = ["image_distance", "image_distance_reference"]
 
@@ -117,3 +117,6 @@ def register_cpp() -> None:
 
 if B.has_extension():
     register_cpp()
+
+
+triton_autograd("fastkd_triton::image_distance_fwd", lambda m: (_backward, _setup_context))

@@ -44,7 +44,7 @@ import numbers
 import torch
 
 from .. import _backend as B
-from ._common import check_float_pair, compute_dtype
+from ._common import check_float_pair, compute_dtype, sqdist_recompute_tau, triton_autograd
 from .image_distance import image_distance
 
 __all__ = ["pairwise_sqdist", "pairwise_sqdist_reference", "wasserstein", "sliced_directions",
@@ -54,8 +54,7 @@ METHODS = ("exact", "sinkhorn", "sliced")
 _M32 = 0xFFFFFFFF
 
 
-def _tau(dtype: torch.dtype) -> float:
-    return 1e-7 if dtype == torch.float64 else 1.0 / 64.0
+_tau = sqdist_recompute_tau
 
 
 # --------------------------------------------------------------------------- checks
@@ -431,3 +430,7 @@ def register_cpp() -> None:
 
 if B.has_extension():
     register_cpp()
+
+
+triton_autograd("fastkd_triton::pairwise_sqdist_fwd", lambda m: (_sqdist_backward, _sqdist_setup))
+triton_autograd("fastkd_triton::sliced_project", lambda m: (_make_project_backward(m.sliced_backproject), _project_setup))

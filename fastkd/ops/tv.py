@@ -17,16 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend as B
-from ._common import check_float, check_reduction, compute_dtype
+from ._common import check_float, check_reduction, compute_dtype, triton_autograd, tv_num_terms
 
 __all__ = ["tv_loss", "tv_loss_and_grad", "tv_loss_reference", "tv_num_terms"]
-
-
-def tv_num_terms(shape, diagonal: bool = False) -> int:
-    """Number of difference terms of a (N, C, H, W) batch (the divisor of ``"mean"``)."""
-    n, c, h, w = shape
-    per = (h - 1) * w + h * (w - 1) + (2 * (h - 1) * (w - 1) if diagonal else 0)
-    return n * c * per
 
 
 def tv_loss_reference(x: torch.Tensor, p: int = 1, diagonal: bool = False,
@@ -163,3 +156,6 @@ def register_cpp() -> None:
 
 if B.has_extension():
     register_cpp()
+
+
+triton_autograd("fastkd_triton::tv_loss_fwd", lambda m: (_tv_backward, _tv_setup_context))

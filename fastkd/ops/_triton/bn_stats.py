@@ -12,13 +12,14 @@ every index fits (I32; 64-bit integer division is several times slower on a GPU)
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .._common import compute_dtype, wrap_triton
+from .._common import compute_dtype, register_triton_autograd, wrap_triton
 from ._launch import grid_1d, on_device
-from ..bn_stats import _make_backward, _setup_context
 
 
 @triton.jit
@@ -179,6 +180,4 @@ def bn_stats_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
     return gx
 
 
-torch.library.register_autograd("fastkd_triton::bn_stats_fwd",
-                                _make_backward(lambda: torch.ops.fastkd_triton.bn_stats_bwd),
-                                setup_context=_setup_context)
+register_triton_autograd("fastkd_triton::bn_stats_fwd", sys.modules[__name__])

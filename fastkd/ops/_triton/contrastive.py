@@ -8,12 +8,13 @@ per-block loss partials.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .._common import wrap_triton
-from ..contrastive import _backward, _setup_context
+from .._common import register_triton_autograd, wrap_triton
 from ._launch import grid_1d, on_device
 
 
@@ -130,5 +131,4 @@ def cross_class_contrastive_fwd(outputs: torch.Tensor, labels: torch.Tensor, gro
     return (loss.clamp_min(0.0) * scale).to(p.dtype), grad
 
 
-torch.library.register_autograd("fastkd_triton::cross_class_contrastive_fwd", _backward,
-                                setup_context=_setup_context)
+register_triton_autograd("fastkd_triton::cross_class_contrastive_fwd", sys.modules[__name__])

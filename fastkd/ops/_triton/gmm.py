@@ -105,8 +105,6 @@ def _gmm_kernel(x_ptr, valid_ptr, prob_ptr, par_ptr, N, max_iter, tol, reg, KM_I
 
 def gmm_fit_triton(scores: torch.Tensor, valid: torch.Tensor, max_iter: int, tol: float, reg_covar: float,
                    kmeans_iter: int = 16):
-    from ..gmm import GMMFit
-
     N = scores.shape[0]
     BLOCK = max(16, triton.next_power_of_2(N))
     x = scores.detach().contiguous()
@@ -118,5 +116,6 @@ def gmm_fit_triton(scores: torch.Tensor, valid: torch.Tensor, max_iter: int, tol
         _gmm_kernel[(1,)](x, v, prob, par, N, max_iter, tol, reg_covar, kmeans_iter,
                           LOG2PI=_LOG2PI, EPS=_EPS, BLOCK=BLOCK, num_warps=nw)
     p64 = par.to(torch.float64)
-    return GMMFit(prob.to(torch.float64), p64[0:2], p64[2:4], p64[4:6], par[6].to(torch.int64),
-                  par[7] > 0.5, par[8] > 0.5)
+    # the fields of fastkd.ops.GMMFit, in order (the op module builds it)
+    return (prob.to(torch.float64), p64[0:2], p64[2:4], p64[4:6], par[6].to(torch.int64),
+            par[7] > 0.5, par[8] > 0.5)

@@ -1,13 +1,14 @@
 """Paired image distance in Triton: loss and gradient in one pass (see fastkd.ops.image_distance)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .._common import wrap_triton
+from .._common import register_triton_autograd, wrap_triton
 from ._launch import grid_1d, on_device
-from ..image_distance import _backward, _setup_context
 
 
 # One program per (sample n, block of BLOCK elements): program id = n * nblk + block. The
@@ -67,4 +68,4 @@ def image_distance_fwd(a: torch.Tensor, b: torch.Tensor, p: int, reduction: int,
     return loss.to(a.dtype), grad
 
 
-torch.library.register_autograd("fastkd_triton::image_distance_fwd", _backward, setup_context=_setup_context)
+register_triton_autograd("fastkd_triton::image_distance_fwd", sys.modules[__name__])

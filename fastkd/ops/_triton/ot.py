@@ -4,12 +4,13 @@ projections whose random directions are generated inside the kernel. Every kerne
 one-dimensional grid of tiles."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .._common import wrap_triton
-from ..ot import _make_project_backward, _project_setup, _sqdist_backward, _sqdist_setup, _tau
+from .._common import register_triton_autograd, sqdist_recompute_tau as _tau, wrap_triton
 from ._launch import grid_1d, on_device
 
 
@@ -90,8 +91,7 @@ def pairwise_sqdist_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min(0.0).to(a.dtype)
 
 
-torch.library.register_autograd("fastkd_triton::pairwise_sqdist_fwd", _sqdist_backward,
-                                setup_context=_sqdist_setup)
+register_triton_autograd("fastkd_triton::pairwise_sqdist_fwd", sys.modules[__name__])
 
 
 @triton.jit
@@ -217,5 +217,4 @@ def sliced_backproject(g: torch.Tensor, inv_norm: torch.Tensor, D: int, seed: in
     return out.to(g.dtype)
 
 
-torch.library.register_autograd("fastkd_triton::sliced_project", _make_project_backward(sliced_backproject),
-                                setup_context=_project_setup)
+register_triton_autograd("fastkd_triton::sliced_project", sys.modules[__name__])

@@ -1,13 +1,14 @@
 """Total variation in Triton: loss and gradient in one pass (see fastkd.ops.tv)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from .._common import wrap_triton
+from .._common import register_triton_autograd, tv_num_terms, wrap_triton
 from ._launch import grid_1d, on_device
-from ..tv import _tv_backward, _tv_setup_context, tv_num_terms
 
 
 @triton.jit
@@ -115,4 +116,4 @@ def tv_loss_fwd(x: torch.Tensor, p: int, diagonal: bool, reduction: int,
     return loss.to(x.dtype), grad
 
 
-torch.library.register_autograd("fastkd_triton::tv_loss_fwd", _tv_backward, setup_context=_tv_setup_context)
+register_triton_autograd("fastkd_triton::tv_loss_fwd", sys.modules[__name__])
