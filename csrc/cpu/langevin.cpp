@@ -141,7 +141,7 @@ void tv_plane_step(scalar_t* __restrict__ xs, const scalar_t* __restrict__ gs, c
 }
 
 template <typename scalar_t>
-void run_step(at::Tensor& x, const at::Tensor& grad, const float* lr_p, double lr, const float* sd_p,
+void run_step(at::Tensor& x, const at::Tensor& grad, const double* lr_p, double lr, const double* sd_p,
               double sd, bool do_clamp, double lo, double hi, double tv_weight, int64_t tv_p,
               uint64_t seed) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -225,15 +225,15 @@ void langevin_step_cpu(at::Tensor& x, const at::Tensor& grad_in, const c10::opti
   at::Tensor lr_f, sd_f;
   const int64_t N = x.size(0);
   if (lr_t.has_value()) {
-    lr_f = lr_t->to(at::kFloat).contiguous();
+    lr_f = lr_t->to(at::kDouble).contiguous();  // exact for every dtype; cast to the accumulation type per use
     TORCH_CHECK(lr_f.numel() == N, "langevin_step_: lr tensor must have shape (N,)");
   }
   if (std_t.has_value()) {
-    sd_f = std_t->to(at::kFloat).contiguous();
+    sd_f = std_t->to(at::kDouble).contiguous();
     TORCH_CHECK(sd_f.numel() == N, "langevin_step_: noise_std tensor must have shape (N,)");
   }
-  const float* lr_p = lr_t.has_value() ? lr_f.const_data_ptr<float>() : nullptr;
-  const float* sd_p = std_t.has_value() ? sd_f.const_data_ptr<float>() : nullptr;
+  const double* lr_p = lr_t.has_value() ? lr_f.const_data_ptr<double>() : nullptr;
+  const double* sd_p = std_t.has_value() ? sd_f.const_data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {
     run_step<scalar_t>(x, grad, lr_p, lr, sd_p, noise_std, do_clamp, lo, hi, tv_weight, tv_p,
                        static_cast<uint64_t>(seed));

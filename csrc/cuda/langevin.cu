@@ -29,8 +29,8 @@ __device__ __forceinline__ void box_muller(uint32_t ua, uint32_t ub, float& zc, 
 
 template <typename scalar_t, typename acc_t, bool LRT, bool SDT, bool NOISE, bool CLAMP>
 __global__ void __launch_bounds__(256) step_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                                   int64_t numel, int64_t per, const float* __restrict__ lrp,
-                                                   acc_t lr, const float* __restrict__ sdp, acc_t sd, acc_t lo,
+                                                   int64_t numel, int64_t per, const acc_t* __restrict__ lrp,
+                                                   acc_t lr, const acc_t* __restrict__ sdp, acc_t sd, acc_t lo,
                                                    acc_t hi, uint32_t k0, uint32_t k1) {
   const int64_t nblk = (numel + 3) / 4;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nblk;
@@ -68,7 +68,7 @@ constexpr int kTVItems = 8;  // tile = at most 2048 elements
 template <typename scalar_t, typename acc_t, bool LRT, bool SDT, bool NOISE, bool CLAMP, int P>
 __global__ void __launch_bounds__(kTVThreads) step_tv_kernel(
     scalar_t* __restrict__ x, const scalar_t* __restrict__ g, int64_t C, int H, int W, int R,
-    const float* __restrict__ lrp, acc_t lr, const float* __restrict__ sdp, acc_t sd, acc_t lo, acc_t hi,
+    const acc_t* __restrict__ lrp, acc_t lr, const acc_t* __restrict__ sdp, acc_t sd, acc_t lo, acc_t hi,
     acc_t tvs, uint32_t k0, uint32_t k1) {
   FKD_DYNAMIC_SMEM(unsigned char, smem_raw);
   acc_t* prev = reinterpret_cast<acc_t*>(smem_raw);  // old values of the row above the tile
@@ -143,11 +143,11 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const c10::opt
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor grad = grad_in.contiguous();
   const int64_t N = x.size(0), per = x.numel() / N;
+  // Per-sample lr / noise_std in the accumulation type (double for float64 x): no rounding.
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lr_f, sd_f;
-  if (lr_t.has_value()) lr_f = lr_t->to(at::kFloat).contiguous();
-  if (std_t.has_value()) sd_f = std_t->to(at::kFloat).contiguous();
-  const float* lrp = lr_t.has_value() ? lr_f.const_data_ptr<float>() : nullptr;
-  const float* sdp = std_t.has_value() ? sd_f.const_data_ptr<float>() : nullptr;
+  if (lr_t.has_value()) lr_f = lr_t->to(x.device(), acc_type).contiguous();
+  if (std_t.has_value()) sd_f = std_t->to(x.device(), acc_type).contiguous();
   const bool noise = std_t.has_value() || noise_std != 0.0;
   const uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   const uint32_t k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
@@ -163,6 +163,8 @@ void langevin_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const c10::opt
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const acc_t alr = static_cast<acc_t>(lr), asd = static_cast<acc_t>(noise_std);
     const acc_t alo = static_cast<acc_t>(lo), ahi = static_cast<acc_t>(hi);
+    const acc_t* lrp = lr_t.has_value() ? lr_f.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sdp = std_t.has_value() ? sd_f.const_data_ptr<acc_t>() : nullptr;
     if (tv_weight == 0.0) {
       const int64_t nblk = (x.numel() + 3) / 4;
       const int threads = 256;
