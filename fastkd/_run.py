@@ -21,6 +21,8 @@ import sys
 import torch
 
 SUMMARY = "summary.json"
+#: The command line being run (set by :func:`fastkd.cli.main`; sys.argv otherwise).
+COMMAND: list | None = None
 
 
 class UsageError(ValueError):
@@ -59,7 +61,9 @@ def run_record(seed=None, argv=None) -> dict:
     except Exception:  # not installed, or broken: record that it is absent
         triton_version = None
     return {"fastkd": __version__, "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "command": " ".join(["fastkd"] + list(argv or sys.argv[1:])),
+            "python": platform.python_version(),
+            "command": " ".join(["fastkd"] + list(argv if argv is not None else
+                                                  (COMMAND if COMMAND is not None else sys.argv[1:]))),
             "seed": seed, "backends": backends_used(),
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -169,7 +169,8 @@ def test_tadfkd_torchvision_teacher(files, fmt, tmp_path, capsys):
     assert rc == 0, out.err
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "ok" and s["method"] == "tadfkd" and 0.0 <= s["final_test_acc"] <= 1.0
-    assert s["run"]["command"].startswith("fastkd") and s["student_check"]["checked_on"] == "the held-out inputs"
+    assert s["run"]["command"].startswith("fastkd distill --method tadfkd")
+    assert s["student_check"]["checked_on"] == "the held-out inputs"
     student, info = load_teacher(str(run / "student.pt"))
     assert info["model"] == "torchvision:resnet18" and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert (run / "student.torchscript.pt").exists() and (run / "samples.png").exists()
