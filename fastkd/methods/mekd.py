@@ -529,26 +529,9 @@ def _edge_and_eval(args, shape, num_classes: int):
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8, title: str | None = None) -> bool:
     """PNG grid of up to nrow x nrow images; returns False (and writes nothing) when there are none."""
-    imgs = images[: nrow * nrow].detach().cpu()
-    n = imgs.shape[0]
-    if n == 0:
-        return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastkd.viz import save_image_grid
 
-    rows = math.ceil(n / nrow)
-    fig, axes = plt.subplots(rows, nrow, figsize=(nrow * 0.9, rows * 0.9 + (0.4 if title else 0)))
-    for i, ax in enumerate(axes.flat if hasattr(axes, "flat") else [axes]):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(imgs[i, 0].numpy(), cmap="gray")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_image_grid(images[: nrow * nrow], path, ncols=nrow, title=title, cell=0.9, dpi=100) is not None
 
 
 # ----------------------------------------------------------------------------- CLI
