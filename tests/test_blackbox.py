@@ -714,3 +714,30 @@ def test_retry_policy_with_a_fake_clock_and_no_server():
     assert bb2.stats()["queries_paid_total"] == 0
     with pytest.raises(TypeError, match="retry_policy must be a RetryPolicy"):
         BlackBoxTeacher(url="http://scripted:1/v2/models/tiny", retry_policy=3)
+
+
+def test_many_clients_opening_a_new_cache_at_once(tmp_path):
+    """Switching a new cache file to WAL answers "database is locked" at once to a client
+    opening it at the same moment; opening waits for it instead of failing."""
+    import threading
+
+    from fastkd.blackbox.ledger import _Store
+
+    errors = []
+    for trial in range(40):
+        db = str(tmp_path / f"c{trial}.sqlite")
+
+        def run():
+            try:
+                st = _Store(db, "t")
+                st.claim([b"a", b"b"])
+                st.close()
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        ths = [threading.Thread(target=run) for _ in range(8)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(60)
+    assert not errors, errors[:3]

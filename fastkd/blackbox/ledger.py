@@ -35,9 +35,11 @@ class _Store:
         self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
                                   check_same_thread=False)
         if path:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL needs a moment alone with it; SQLite answers "locked"
+            # at once (no busy wait) to a client opening it at that moment: wait and retry.
+            _when_unlocked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
             self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(self.SCHEMA)
+        _when_unlocked(lambda: self.db.executescript(self.SCHEMA))
         self.lock = threading.RLock()
         self.host = socket.gethostname()
         self.owner = uuid.uuid4().hex  # claims of this object (threads and objects share a pid)
@@ -194,6 +196,20 @@ class _Store:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def _when_unlocked(fn, timeout: float = 60.0):
+    """Run ``fn``, retrying while SQLite says the database is locked (up to ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
 
 
 def _pid_alive(pid: int) -> bool:
