@@ -135,6 +135,9 @@ def _clone(args):
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_compile_fullgraph(name):
+    if name == "langevin_step_" and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12):
+        pytest.skip("torch < 2.12 compiles this in-place triton_op without writing x back (a torch bug; "
+                    "eager, opcheck and torch >= 2.12 are tested)")
     _, op, args = _case(name)
     eager_args, comp_args = _clone(args), _clone(args)
 
