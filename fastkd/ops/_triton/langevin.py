@@ -208,9 +208,12 @@ def langevin_step_(x: torch.Tensor, grad: torch.Tensor, lr_t: torch.Tensor | Non
     noise = std_t is not None or noise_std != 0.0
     cd = compute_dtype(x.dtype)
     acc = tl.float64 if cd == torch.float64 else tl.float32
-    # per-sample rates in the accumulation dtype, as the reference applies them
-    lr_buf = lr_t.to(cd).contiguous() if lr_t is not None else x
-    sd_buf = std_t.to(cd).contiguous() if std_t is not None else x
+    # per-sample rates in the accumulation dtype, as the reference applies them. An unused
+    # pointer gets grad, never x: where torch cannot analyse a kernel it assumes that every
+    # tensor argument is written, and x passed under two names would then be written back
+    # from the copy that the kernel did not touch.
+    lr_buf = lr_t.to(cd).contiguous() if lr_t is not None else grad
+    sd_buf = std_t.to(cd).contiguous() if std_t is not None else grad
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     lr_b, sd_b = f64_bits(lr), f64_bits(noise_std)
     lo_b, hi_b = (f64_bits(lo), f64_bits(hi)) if do_clamp else (0, 0)

@@ -109,7 +109,7 @@ def tv_loss_fwd(x: torch.Tensor, p: int, diagonal: bool, reduction: int,
     if grid[0]:
         with on_device(x):
             wrap_triton(_tv_fwd_kernel)[grid](
-                x, grad if need_grad else x, part, per_sample, H * W, H, W, div, nblk,
+                x, grad, part, per_sample, H * W, H, W, div, nblk,
                 P=p, DIAG=diagonal, GRAD=need_grad,
                 ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=_BLOCK)
     loss = part.sum(1) if reduction == 0 else part.sum() / div
