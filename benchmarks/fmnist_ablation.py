@@ -46,6 +46,41 @@ class _Jitter(torch.nn.Module):
         return self.t(x)
 
 
+def _adversarial_rounds(T, s, ds, adv, cfg, info, eval_data):
+    """adv: {"rounds", "n" (new inputs per round), "steps", "lr", "epochs"}: each round starts
+    from n stored inputs, takes `steps` signed-gradient ascent steps on KL(teacher || student)
+    (clamped to the pixel range), adds them with the teacher's answers, and trains the student
+    on the union for `epochs` more epochs."""
+    from fastkd.synthesis import SyntheticDataset
+    lo, hi = info["pixel_range"]
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1000)
+    h = None
+    for r in range(adv.get("rounds", 1)):
+        idx = torch.randperm(len(ds), generator=gen)[: adv["n"]]
+        xs = []
+        for chunk in idx.split(500):
+            x = ds.inputs[chunk].clone().requires_grad_(True)
+            for _ in range(adv["steps"]):
+                with torch.enable_grad():
+                    pt = F.softmax(T(x), 1)
+                    kl = (pt * (torch.log(pt + 1e-8) - F.log_softmax(s(x), 1))).sum()
+                    (g,) = torch.autograd.grad(kl, x)
+                with torch.no_grad():
+                    x += adv["lr"] * g.sign()
+                    x.clamp_(lo, hi)
+            xs.append(x.detach())
+        xa = torch.cat(xs)
+        pa = distill.teacher_probs(T, xa)
+        ds = SyntheticDataset(torch.cat([ds.inputs, xa]), torch.cat([ds.probs, pa]),
+                              torch.cat([ds.labels, pa.argmax(1)]), ds.meta)
+        h = distill.train_student(s, ds, teacher=T, epochs=adv["epochs"], batch_size=cfg["sbs"], lr=cfg["slr"],
+                                  augment=None if cfg["augment"] == "none" else cfg["augment"],
+                                  eval_data=eval_data, eval_every=adv["epochs"], seed=cfg["seed"] + r + 1,
+                                  progress=False)
+        print(f"adv round {r}: {len(ds)} samples, student {100 * h.final_accuracy:.2f} %", file=sys.stderr)
+    return ds, h
+
+
 def report(path: str = OUT) -> str:
     """A markdown table of the rows in ``path``: what differs from BASE, accuracy, times."""
     with open(path) as f:
@@ -77,8 +112,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['jflip', 'jit', 'loss', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'jflip', 'jit', 'loss', 'temp']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -92,6 +127,24 @@ def main() -> int:
         def prior(shape, gen, k=k):
             z = torch.randn((shape[0], shape[1], k, k), generator=gen)
             return F.interpolate(z, size=shape[2:], mode="bilinear", align_corners=False)
+    elif prior.startswith("dark"):  # black background (the pixel range's low end) plus |N(0, s^2)|
+        sd = float(prior.split(":")[1])
+        lo_px = info["pixel_range"][0]
+
+        def prior(shape, gen, sd=sd, lo_px=lo_px):
+            return lo_px + sd * torch.randn(shape, generator=gen).abs()
+    elif prior.startswith("level"):  # per-sample brightness level U(lo, hi) plus N(0, s^2)
+        sd = float(prior.split(":")[1])
+        lo_px, hi_px = info["pixel_range"]
+
+        def prior(shape, gen, sd=sd, lo_px=lo_px, hi_px=hi_px):
+            lvl = lo_px + (hi_px - lo_px) * torch.rand((shape[0],) + (1,) * (len(shape) - 1), generator=gen)
+            return lvl + sd * torch.randn(shape, generator=gen)
+    elif prior == "unif":  # uniform in the pixel range
+        lo_px, hi_px = info["pixel_range"]
+
+        def prior(shape, gen, lo_px=lo_px, hi_px=hi_px):
+            return lo_px + (hi_px - lo_px) * torch.rand(shape, generator=gen)
     syn_t = _Jitter(T, cfg.get("jit", 0), cfg.get("jflip", False)) if (cfg.get("jit") or cfg.get("jflip")) else T
     t0 = time.time()
     ds = cake(syn_t, num_classes=10, input_shape=(1, 32, 32), num_samples=cfg["n"], batch_size=cfg["bs"],
@@ -107,6 +160,9 @@ def main() -> int:
                               augment=None if cfg["augment"] == "none" else cfg["augment"], eval_data=(xt, yt),
                               eval_every=cfg["epochs"], seed=cfg["seed"], progress=False,
                               loss=cfg.get("loss", "soft_ce"), temperature=cfg.get("temp", 1.0))
+    adv = cfg.get("adv")
+    if adv:  # student in the loop: rounds of inputs where student and teacher disagree most
+        ds, h = _adversarial_rounds(T, s, ds, adv, cfg, info, (xt, yt))
     res = dict(cfg, acc=h.final_accuracy, agree=ds.teacher_agreement(), syn_s=syn_s, stu_s=time.time() - t0,
                threads=torch.get_num_threads())
     print(json.dumps(res))

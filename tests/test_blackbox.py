@@ -14,19 +14,14 @@ import pytest
 import torch
 
 from fastkd.blackbox import (BlackBoxTeacher, QueryBudgetExceeded, TeacherInputError, TeacherRequestError,
-                             TeacherResponseError, TeacherUnavailable)
+                             TeacherUnavailable)
 
 starlette = pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 from fastkd.serve import ServerThread, create_app, free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = [1, 4, 4]
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+from serving import SHAPE, Slow, ref_probs, stop, tiny_model  # noqa: E402
 
 
 class Counting:
@@ -41,11 +36,6 @@ class Counting:
             self.n += x.shape[0]
             self.calls += 1
         return self.model(x)
-
-
-def ref_probs(model, x):
-    with torch.no_grad():
-        return torch.softmax(model(x), 1)
 
 
 # ----------------------------------------------------------------------------- local
@@ -461,12 +451,7 @@ def test_our_client_against_mlserver(tmp_path):
         hard = BlackBoxTeacher(url=f"http://127.0.0.1:{port}", model_name="tiny", response="hard")(x)
         assert torch.equal(hard.argmax(1), ref_probs(m, x).argmax(1))
     finally:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        stop(p)
 
 
 class NoExtensions:
@@ -608,21 +593,11 @@ def test_client_dies_at_several_points_then_resumes(tmp_path, point):
         torch.testing.assert_close(t, ref_probs(m, xd), atol=1e-6, rtol=1e-5)
 
 
-class Slow(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        time.sleep(0.01)
-        return self.m(x)
-
-
 @pytest.mark.parametrize("clients", [2, 4])
 def test_concurrent_clients_sharing_a_cache_never_pay_twice(tmp_path, clients):
     from fastkd.methods.mekd import query_planned
     m = tiny_model()
-    app = create_app(Slow(m), input_shape=SHAPE, num_classes=10, name="tiny", batch_delay=0)
+    app = create_app(Slow(m, 0.01), input_shape=SHAPE, num_classes=10, name="tiny", batch_delay=0)
     db = tmp_path / "c.sqlite"
     x = torch.randn(96, *SHAPE, generator=torch.Generator().manual_seed(5))
     res, errs = [None] * clients, []

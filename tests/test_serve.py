@@ -18,17 +18,7 @@ pytest.importorskip("uvicorn")
 from fastkd import oip  # noqa: E402
 from fastkd.serve import ServerThread, create_app  # noqa: E402
 
-SHAPE = [1, 4, 4]
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
-
-
-def ref_probs(model, x):
-    with torch.no_grad():
-        return torch.softmax(model(x), 1)
+from serving import SHAPE, Slow, ref_probs, tiny_model  # noqa: E402
 
 
 def post(port, path, body, headers=None, timeout=30):
@@ -327,21 +317,9 @@ def test_large_json_request_does_not_block_health_checks():
 
 
 # ----------------------------------------------------------------------------- batching
-class SlowModel(torch.nn.Module):
-    """A model that takes 50 ms a call: concurrent requests pile up behind it."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        time.sleep(0.05)
-        return self.m(x)
-
-
 def test_concurrent_requests_are_batched_and_answers_routed_back():
     m = tiny_model()
-    app = create_app(SlowModel(m), input_shape=SHAPE, num_classes=10, name="tiny", max_batch=16, batch_delay=0.05)
+    app = create_app(Slow(m, 0.05), input_shape=SHAPE, num_classes=10, name="tiny", max_batch=16, batch_delay=0.05)
     xs = [torch.randn(k % 3 + 1, *SHAPE) for k in range(12)]
     res = [None] * len(xs)
     with ServerThread(app) as srv:
