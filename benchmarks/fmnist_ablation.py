@@ -46,6 +46,34 @@ class _Jitter(torch.nn.Module):
         return self.t(x)
 
 
+class _Upsampled(torch.nn.Module):
+    """The teacher behind a bilinear upsampling of its input to size x size."""
+
+    def __init__(self, t, size):
+        super().__init__()
+        self.t, self.size = t, size
+
+    def up(self, x):
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def forward(self, x):
+        return self.t(self.up(x))
+
+
+class _InputStats(torch.nn.Module):
+    """The teacher behind an identity BatchNorm whose running statistics are the
+    normalisation's (mean 0, variance 1): the BN prior (bn) then pulls each synthetic batch's
+    per-channel mean and variance to those of normalised real inputs."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(1, eps=0.0).eval()
+        self.t = t
+
+    def forward(self, x):
+        return self.t(self.bn(x))
+
+
 def _adversarial_rounds(T, s, ds, adv, cfg, info, eval_data):
     """adv: {"rounds", "n" (new inputs per round), "steps", "lr", "epochs"}: each round starts
     from n stored inputs, takes `steps` signed-gradient ascent steps on KL(teacher || student)
@@ -112,8 +140,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'jflip', 'jit', 'loss', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'istats', 'jflip', 'jit', 'loss', 'res', 'snaps', 'temp']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -145,13 +173,30 @@ def main() -> int:
 
         def prior(shape, gen, lo_px=lo_px, hi_px=hi_px):
             return lo_px + (hi_px - lo_px) * torch.rand(shape, generator=gen)
-    syn_t = _Jitter(T, cfg.get("jit", 0), cfg.get("jflip", False)) if (cfg.get("jit") or cfg.get("jflip")) else T
+    if cfg.get("istats"):  # the inputs' batch statistics pulled to the normalisation's (0, 1)
+        syn_base = _InputStats(T)
+    else:
+        syn_base = T
+    syn_t = _Jitter(syn_base, cfg.get("jit", 0), cfg.get("jflip", False)) if (cfg.get("jit") or cfg.get("jflip")) else syn_base
+    res = cfg.get("res")  # optimise a (res x res) image that the teacher sees upsampled to 32x32
+    if res:
+        syn_t = _Upsampled(syn_t, 32)
     t0 = time.time()
-    ds = cake(syn_t, num_classes=10, input_shape=(1, 32, 32), num_samples=cfg["n"], batch_size=cfg["bs"],
+    ds = cake(syn_t, num_classes=10, input_shape=(1, res or 32, res or 32), num_samples=cfg["n"], batch_size=cfg["bs"],
               steps=cfg["steps"], w_cls=cfg["w_cls"], w_contr=cfg["w_contr"], w_tv=cfg["w_tv"], lr=tuple(cfg["lr"]),
               schedule=cfg["schedule"], langevin=cfg["langevin"], clamp=info["pixel_range"] if cfg["clamp"] else None,
               seed=cfg["seed"], progress=False, prior=prior,
               bn_prior_weight=cfg["bn"])
+    if res:
+        ds = type(ds)(syn_t.up(ds.inputs), ds.probs, ds.labels, ds.meta)
+    for k in cfg.get("snaps", []):  # the same batches after k < steps steps, as extra samples
+        snap = cake(syn_t, num_classes=10, input_shape=(1, 32, 32), num_samples=cfg["n"], batch_size=cfg["bs"],
+                    steps=k, w_cls=cfg["w_cls"], w_contr=cfg["w_contr"], w_tv=cfg["w_tv"], lr=tuple(cfg["lr"]),
+                    schedule=cfg["schedule"], langevin=cfg["langevin"],
+                    clamp=info["pixel_range"] if cfg["clamp"] else None, seed=cfg["seed"], progress=False,
+                    prior=prior, bn_prior_weight=cfg["bn"])
+        ds = type(ds)(torch.cat([ds.inputs, snap.inputs]), torch.cat([ds.probs, snap.probs]),
+                      torch.cat([ds.labels, snap.labels]), ds.meta)
     syn_s = time.time() - t0
     torch.manual_seed(cfg["seed"])
     s = models.create(cfg["student"], num_classes=10, in_channels=1, input_size=32)

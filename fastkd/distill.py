@@ -275,7 +275,10 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         lr, momentum, weight_decay: SGD (nesterov) hyper-parameters (0.5, 0.9, 5e-4).
         schedule: "onecycle" (peak ``lr``), "cosine" or "constant".
         temperature: tau of the soft targets (1.0).
-        loss: "soft_ce" (soft-target cross-entropy) or "kl" (Hinton KL); both tau^2-scaled.
+        loss: "soft_ce" (soft-target cross-entropy) or "kl" (Hinton KL), both tau^2-scaled; or
+            "logit_l1": mean absolute difference of the mean-centred logits (the teacher's
+            taken as its log-probabilities, equal to its logits up to a constant; ``temperature``
+            is not used).
         amp: bf16 autocast; default on for CUDA devices, off on the CPU.
         eval_data: DataLoader of (x, y) or (x, y) tensors to evaluate on every
             ``eval_every`` epochs and after the last one.
@@ -313,8 +316,8 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         raise ValueError(f"{op}: lr must be > 0, got {lr!r}")
     if schedule not in ("onecycle", "cosine", "constant"):
         raise ValueError(f"{op}: schedule must be 'onecycle', 'cosine' or 'constant', got {schedule!r}")
-    if loss not in ("soft_ce", "kl"):
-        raise ValueError(f"{op}: loss must be 'soft_ce' or 'kl', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"{op}: loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
 
@@ -356,7 +359,7 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     else:
         sched = None
-    crit = soft_cross_entropy if loss == "soft_ce" else kd_loss
+    crit = {"soft_ce": soft_cross_entropy, "kl": kd_loss, "logit_l1": _logit_l1}[loss]
 
     hist = History(config=dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                                weight_decay=weight_decay, schedule=schedule, temperature=temperature,
@@ -384,15 +387,18 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
                     raise ValueError(f"{op}: augment={augment!r} needs (N, C, H, W) inputs, got shape "
                                      f"{tuple(x.shape)}")
                 x, p = apply_augment(x, aug_ops, aug_gen), None
+            tlog = None
             if p is None:
                 with torch.no_grad():
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                         t_logits = teacher(x)
                     p = torch.softmax(t_logits.float(), 1)
+                    if loss == "logit_l1":  # the exact log-probabilities: p may underflow
+                        tlog = torch.log_softmax(t_logits.float(), 1)
             p = p.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 s = model(x)
-            l = crit(s.float(), p, temperature, target="probs")
+            l = crit(s.float(), p, temperature, target="probs") if tlog is None else _centred_l1(s.float(), tlog)
             lv = l.item()
             if not math.isfinite(lv):
                 raise FloatingPointError(f"{op}: the training loss is {lv} in epoch {ep + 1} ("
@@ -422,6 +428,21 @@ def train_student(student: nn.Module, data, *, teacher: nn.Module | None = None,
 
 
 CHECKPOINT_FORMAT = "fastkd.student-checkpoint/1"
+
+#: The student losses of :func:`train_student`.
+LOSSES = ("soft_ce", "kl", "logit_l1")
+
+
+def _centred_l1(s: torch.Tensor, t_log: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the mean-centred student logits ``s`` and teacher
+    log-probabilities ``t_log`` (its logits up to a per-row constant)."""
+    return ((s - s.mean(1, keepdim=True)) - (t_log - t_log.mean(1, keepdim=True))).abs().mean()
+
+
+def _logit_l1(s: torch.Tensor, p: torch.Tensor, temperature: float = 1.0, target: str = "probs") -> torch.Tensor:
+    """``_centred_l1`` against stored teacher probabilities ``p`` (probabilities below
+    1e-30 count as 1e-30)."""
+    return _centred_l1(s, torch.log(p.clamp_min(1e-30)))
 
 
 def _num_samples(data) -> int | None:

@@ -70,6 +70,27 @@ def test_train_student_learns_teacher():
     assert h.final_accuracy > 0.5
 
 
+def test_logit_l1_is_the_centred_logit_distance():
+    s, t = torch.randn(6, 5, dtype=torch.float64), 4 * torch.randn(6, 5, dtype=torch.float64)
+    want = ((s - s.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))).abs().mean()
+    torch.testing.assert_close(distill._logit_l1(s, t.softmax(1)), want)  # from stored probabilities
+    torch.testing.assert_close(distill._centred_l1(s, t.log_softmax(1)), want)
+    torch.testing.assert_close(distill._centred_l1(s, t + 7.0), want)  # a shift of the logits changes nothing
+
+
+@pytest.mark.parametrize("augment", [None, "shift"])
+def test_train_student_logit_l1_learns_teacher(augment):
+    teacher, _ = _tiny()
+    x = torch.randn(512, 1, 8, 8)
+    torch.manual_seed(0)
+    s = models.create("cnn_half")
+    labels = distill.teacher_probs(teacher, x).argmax(1)
+    h = distill.train_student(s, x, teacher=teacher, epochs=6, batch_size=64, lr=0.05, loss="logit_l1",
+                              augment=augment, eval_data=(x, labels), progress=False)
+    assert h.losses[-1] < 0.7 * h.losses[0]
+    assert h.final_accuracy > 0.5
+
+
 def test_train_student_dataloader_labelled_by_teacher():
     teacher, x = _tiny()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)

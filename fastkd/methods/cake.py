@@ -17,6 +17,7 @@ import torch
 
 from fastkd import _dist
 from fastkd._run import Parser as _Parser
+from fastkd.distill import LOSSES
 from fastkd.methods._cli import add_config_args, config_from, pixel_range, positive, student_kwargs
 from fastkd.methods.baselines import noise_baseline
 
@@ -73,7 +74,7 @@ class CAKEConfig:
     student_batch_size: int = field(default=256, metadata={"help": "student batch size"})
     student_lr: float = field(default=0.5, metadata={"help": "peak SGD lr of the student (one-cycle)"})
     temperature: float = field(default=1.0, metadata={"help": "temperature of the soft targets"})
-    loss: str = field(default="soft_ce", metadata={"help": "student loss", "choices": ["soft_ce", "kl"]})
+    loss: str = field(default="soft_ce", metadata={"help": "student loss", "choices": list(LOSSES)})
     augment: str = field(default="shift", metadata={
         "help": "teacher-relabelled augmentation of every student batch (image inputs only): a '+'-joined list of "
                 "shift (up to 1 pixel), shift2 (up to 2), flip (horizontal), mixup (blend with another sample); "
