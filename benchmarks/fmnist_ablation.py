@@ -8,7 +8,13 @@ size, w_*: loss weights, clamp: keep inputs in the pixel range, langevin, epochs
 slr / sbs: student lr and batch, prior: "normal" or "smooth:K" (N(0, I) at KxK, upsampled),
 teacher: "fmnist" (LeNet-5) or "fmnist-bn"; bn: the BN-statistics prior's weight;
 jit / jflip: random roll by up to jit pixels / horizontal flip of the teacher's input at
-every synthesis step, loss / temp: the student's loss and temperature).
+every synthesis step, loss / temp: the student's loss and temperature; prior may also be
+"dark:S" (the pixel range's low end plus |N(0, S^2)|), "level:S" (a per-sample level drawn
+from the pixel range plus N(0, S^2)) or "unif" (uniform in the pixel range); istats: with bn,
+pull each batch's input mean and variance to the normalisation's (0, 1); res: optimise a
+res x res image that the teacher sees upsampled to 32x32; snaps: also keep the same batches
+after each of these step counts; adv: rounds of student-in-the-loop inputs (see
+_adversarial_rounds); eval_every: evaluate the student every k epochs and record the curve).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmnist_ablation.py '{"clamp": true, "lr": [1, 0.01]}'
 """
@@ -115,7 +121,7 @@ def report(path: str = OUT) -> str:
         rows = [json.loads(line) for line in f if line.strip()]
     out = ["| change from BASE | samples x steps | seed | student acc (%) | teacher agreement (%) | synthesis s | student s |",
            "|---|---|---|---|---|---|---|"]
-    skip = {"acc", "agree", "syn_s", "stu_s", "threads", "tag", "n", "steps", "seed", "xstd", "xmean", "pred_hist", "note"}
+    skip = {"curve", "acc", "agree", "syn_s", "stu_s", "threads", "tag", "n", "steps", "seed", "xstd", "xmean", "pred_hist", "note"}
     for r in rows:
         diff = ", ".join([f"{k}={r[k]}" for k in r if k not in skip and k in BASE and r[k] != BASE[k]]
                          + [f"{k}={r[k]}" for k in r if k not in skip and k not in BASE])
@@ -140,8 +146,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'istats', 'jflip', 'jit', 'loss', 'res', 'snaps', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'loss', 'res', 'snaps', 'temp']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -203,11 +209,13 @@ def main() -> int:
     t0 = time.time()
     h = distill.train_student(s, ds, teacher=T, epochs=cfg["epochs"], batch_size=cfg["sbs"], lr=cfg["slr"],
                               augment=None if cfg["augment"] == "none" else cfg["augment"], eval_data=(xt, yt),
-                              eval_every=cfg["epochs"], seed=cfg["seed"], progress=False,
+                              eval_every=cfg.get("eval_every", cfg["epochs"]), seed=cfg["seed"], progress=False,
                               loss=cfg.get("loss", "soft_ce"), temperature=cfg.get("temp", 1.0))
     adv = cfg.get("adv")
     if adv:  # student in the loop: rounds of inputs where student and teacher disagree most
         ds, h = _adversarial_rounds(T, s, ds, adv, cfg, info, (xt, yt))
+    if cfg.get("eval_every"):
+        cfg["curve"] = [round(e["eval_acc"], 4) for e in h.epochs if "eval_acc" in e]
     res = dict(cfg, acc=h.final_accuracy, agree=ds.teacher_agreement(), syn_s=syn_s, stu_s=time.time() - t0,
                threads=torch.get_num_threads())
     print(json.dumps(res))
