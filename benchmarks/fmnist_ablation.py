@@ -14,7 +14,9 @@ from the pixel range plus N(0, S^2)) or "unif" (uniform in the pixel range); ist
 pull each batch's input mean and variance to the normalisation's (0, 1); res: optimise a
 res x res image that the teacher sees upsampled to 32x32; snaps: also keep the same batches
 after each of these step counts; adv: rounds of student-in-the-loop inputs (see
-_adversarial_rounds); eval_every: evaluate the student every k epochs and record the curve).
+_adversarial_rounds); eval_every: evaluate the student every k epochs and record the curve; keep_lr: [lo, hi],
+train the student only on the batches whose step size lies in that range, as the authors'
+TarDataset does).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmnist_ablation.py '{"clamp": true, "lr": [1, 0.01]}'
 """
@@ -146,8 +148,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'loss', 'res', 'snaps', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every", "keep_lr") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'keep_lr', 'loss', 'res', 'snaps', 'temp']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -203,6 +205,12 @@ def main() -> int:
                     prior=prior, bn_prior_weight=cfg["bn"])
         ds = type(ds)(torch.cat([ds.inputs, snap.inputs]), torch.cat([ds.probs, snap.probs]),
                       torch.cat([ds.labels, snap.labels]), ds.meta)
+    keep = cfg.get("keep_lr")  # the authors' TarDataset: only batches whose step size is in [lo, hi]
+    if keep:
+        from fastkd.synthesis import step_sizes
+        lrs = torch.tensor(step_sizes(-(-cfg["n"] // cfg["bs"]), *cfg["lr"], cfg["schedule"]))
+        m = ((lrs >= keep[0]) & (lrs <= keep[1])).repeat_interleave(cfg["bs"])[: len(ds)]
+        ds = type(ds)(ds.inputs[m], ds.probs[m], ds.labels[m], ds.meta)
     syn_s = time.time() - t0
     torch.manual_seed(cfg["seed"])
     s = models.create(cfg["student"], num_classes=10, in_channels=1, input_size=32)
