@@ -16,7 +16,8 @@ res x res image that the teacher sees upsampled to 32x32; snaps: also keep the s
 after each of these step counts; adv: rounds of student-in-the-loop inputs (see
 _adversarial_rounds); eval_every: evaluate the student every k epochs and record the curve; keep_lr: [lo, hi],
 train the student only on the batches whose step size lies in that range, as the authors'
-TarDataset does).
+TarDataset does); sinit: "teacher" starts the student from the teacher's channels
+(:func:`fastkd.models.init_from_teacher`); sseed: the student's seed (default: seed).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmnist_ablation.py '{"clamp": true, "lr": [1, 0.01]}'
 """
@@ -148,8 +149,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every", "keep_lr") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'keep_lr', 'loss', 'res', 'snaps', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every", "keep_lr", "sinit", "sseed") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'keep_lr', 'loss', 'res', 'sinit', 'snaps', 'sseed', 'temp']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -212,12 +213,15 @@ def main() -> int:
         m = ((lrs >= keep[0]) & (lrs <= keep[1])).repeat_interleave(cfg["bs"])[: len(ds)]
         ds = type(ds)(ds.inputs[m], ds.probs[m], ds.labels[m], ds.meta)
     syn_s = time.time() - t0
-    torch.manual_seed(cfg["seed"])
+    sseed = cfg.get("sseed", cfg["seed"])
+    torch.manual_seed(sseed)
     s = models.create(cfg["student"], num_classes=10, in_channels=1, input_size=32)
+    if cfg.get("sinit") == "teacher":
+        models.init_from_teacher(s, T)
     t0 = time.time()
     h = distill.train_student(s, ds, teacher=T, epochs=cfg["epochs"], batch_size=cfg["sbs"], lr=cfg["slr"],
                               augment=None if cfg["augment"] == "none" else cfg["augment"], eval_data=(xt, yt),
-                              eval_every=cfg.get("eval_every", cfg["epochs"]), seed=cfg["seed"], progress=False,
+                              eval_every=cfg.get("eval_every", cfg["epochs"]), seed=sseed, progress=False,
                               loss=cfg.get("loss", "soft_ce"), temperature=cfg.get("temp", 1.0))
     adv = cfg.get("adv")
     if adv:  # student in the loop: rounds of inputs where student and teacher disagree most

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "ResNet", "BasicBlock", "SmallCNN", "MLP", "create", "build", "names", "register",
+__all__ = ["init_from_teacher", "LeNet5", "ResNet", "BasicBlock", "SmallCNN", "MLP", "create", "build", "names", "register",
            "num_parameters"]
 
 
@@ -273,6 +273,104 @@ def build(spec: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> n
     if not isinstance(m, nn.Module):
         raise ValueError(f"models.build: {spec} returned a {type(m).__name__}, not an nn.Module")
     return m
+
+
+_CHAIN_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU,
+                 nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                 nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def _chain_layers(model: nn.Module, who: str) -> list[nn.Module]:
+    """The Conv2d / Linear / BatchNorm layers of a plain chain, in order; ValueError for
+    anything else (a residual block, a custom container, grouped convolutions)."""
+    out = []
+    for name, m in model.named_modules():
+        if m is model or isinstance(m, nn.Sequential):
+            continue
+        if not isinstance(m, _CHAIN_LEAVES):
+            raise ValueError(f"init_from_teacher: the {who} is not a plain chain of layers ({name!r} is a "
+                             f"{type(m).__name__}); it works for the same family at a smaller width, e.g. "
+                             "lenet5 -> lenet5_half or cnn -> cnn_half")
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(f"init_from_teacher: grouped convolution {name!r} in the {who} is not supported")
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)):
+            out.append(m)
+    return out
+
+
+@torch.no_grad()
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict:
+    """Initialise ``student`` from ``teacher`` by structured channel selection: a data-free
+    start for a student of the teacher's family at a smaller width (lenet5 -> lenet5_half).
+
+    Both models must be plain chains (containers only ``nn.Sequential``) of the same
+    Conv2d / Linear / BatchNorm layers with the same kernel sizes, strides and paddings, the
+    student's widths no larger than the teacher's, the same input channels and classes. Each
+    student layer keeps the teacher's output units of largest L1 weight norm (in their
+    order), restricted to the inputs kept by the layer before; a Linear after a flattened
+    convolution keeps the flattened blocks of the kept channels; BatchNorm layers keep the
+    statistics and affine parameters of their convolution's kept channels.
+
+    Returns {"layers": number of layers copied, "kept": list of kept output counts}.
+    """
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError("init_from_teacher: student and teacher must be nn.Modules")
+    sl, tl = _chain_layers(student, "student"), _chain_layers(teacher, "teacher")
+    if len(sl) != len(tl) or any(type(a) is not type(b) for a, b in zip(sl, tl)):
+        raise ValueError("init_from_teacher: student and teacher have different layer sequences "
+                         f"({[type(m).__name__ for m in sl]} against {[type(m).__name__ for m in tl]})")
+    for a, b in zip(sl, tl):
+        if isinstance(a, nn.Conv2d) and (a.kernel_size, a.stride, a.padding, a.dilation) != (
+                b.kernel_size, b.stride, b.padding, b.dilation):
+            raise ValueError(f"init_from_teacher: convolution shapes differ: student {a} against teacher {b}")
+        wa = a.weight.shape[0] if not isinstance(a, nn.modules.batchnorm._BatchNorm) else a.num_features
+        wb = b.weight.shape[0] if not isinstance(b, nn.modules.batchnorm._BatchNorm) else b.num_features
+        if wa > wb:
+            raise ValueError(f"init_from_teacher: the student's {type(a).__name__} has {wa} outputs, more than the "
+                             f"teacher's {wb}")
+    first, last = sl[0], [m for m in sl if not isinstance(m, nn.modules.batchnorm._BatchNorm)][-1]
+    if first.weight.shape[1] != tl[0].weight.shape[1]:
+        raise ValueError(f"init_from_teacher: the student takes {first.weight.shape[1]} input channels/features, "
+                         f"the teacher {tl[0].weight.shape[1]}")
+    if last.weight.shape[0] != [m for m in tl if not isinstance(m, nn.modules.batchnorm._BatchNorm)][-1].weight.shape[0]:
+        raise ValueError("init_from_teacher: student and teacher have different numbers of classes")
+    keep_in = None  # indices of the previous layer's kept outputs (None: all)
+    keep_prev_total = 0  # the previous layer's output count in the teacher
+    kept = []
+    for a, b in zip(sl, tl):
+        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+            idx = keep_in if keep_in is not None else torch.arange(b.num_features)
+            if a.num_features != len(idx):
+                raise ValueError("init_from_teacher: a BatchNorm does not follow the layer it normalises")
+            for n in ("weight", "bias", "running_mean", "running_var"):
+                src, dst = getattr(b, n), getattr(a, n)
+                if src is not None and dst is not None:
+                    dst.copy_(src[idx.to(src.device)])
+            continue
+        w = b.weight
+        if keep_in is not None:
+            cin = w.shape[1]
+            if cin % keep_prev_total != 0:
+                raise ValueError("init_from_teacher: cannot map the teacher's inputs of a layer to the kept units "
+                                 "of the layer before")
+            r = cin // keep_prev_total  # flattened spatial positions per channel (1 for conv -> conv)
+            cols = (keep_in[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+            w = w[:, cols.to(w.device)]
+        if w.shape[1:] != a.weight.shape[1:]:
+            raise ValueError(f"init_from_teacher: after selecting inputs the teacher's {type(b).__name__} weight is "
+                             f"{tuple(w.shape)}, the student's {tuple(a.weight.shape)}")
+        k = a.weight.shape[0]
+        norms = w.abs().flatten(1).sum(1)
+        idx = torch.arange(w.shape[0]) if k == w.shape[0] else norms.topk(k).indices.sort().values.cpu()
+        a.weight.copy_(w[idx.to(w.device)])
+        if a.bias is not None:
+            if b.bias is not None:
+                a.bias.copy_(b.bias[idx.to(b.bias.device)])
+            else:
+                a.bias.zero_()
+        keep_in, keep_prev_total = idx, w.shape[0]
+        kept.append(k)
+    return {"layers": len(sl), "kept": kept}
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -84,3 +84,22 @@ def test_demo_tiny(tmp_path, capsys):
     assert os.path.exists(s["sample_grid"])
     printed = capsys.readouterr().out
     assert "baseline" in printed and "teacher" in printed
+
+
+def test_distill_cli_student_init_teacher(tmp_path, capsys):
+    common = ["distill", "--method", "cake", "--teacher", "digits", "--num-samples", "20", "--batch-size", "10",
+              "--steps", "1", "--epochs", "1", "--eval-digits", "--quiet", "--device", "cpu"]
+    # a student of another family cannot start from the teacher: one line naming the flag, before any synthesis
+    out = tmp_path / "bad"
+    assert main(common + ["--student", "mlp_half", "--student-init", "teacher", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.count("--student-init teacher") == 1 and "Traceback" not in err
+    assert not (out / "synthetic").exists()
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--student", "cnn_half", "--student-init", "sideways", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--student-init" in capsys.readouterr().err
+    # the half-width student starts from the teacher's channels: recorded, and far from chance after 20 samples
+    run = tmp_path / "run"
+    assert main(common + ["--student", "cnn_half", "--student-init", "teacher", "--out", str(run)]) == 0
+    summary = json.load(open(run / "summary.json"))
+    assert summary["config"]["student_init"] == "teacher" and summary["student_accuracy"] > 0.5

@@ -184,6 +184,7 @@ def test_demo_fmnist_cli_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary_cake_fmnist.json").read_text())
     assert s["data"] == "fmnist" and s["config"]["student"] == "lenet5_half"
+    assert s["config"]["student_init"] == "teacher"  # the fmnist demo starts the student from the teacher
     assert 0.0 <= s["student_accuracy"] <= 1.0 and s["teacher_accuracy"] > 0.9
     assert (out / "samples_cake_fmnist.png").stat().st_size > 1000
     assert "teacher (lenet5)" in r.stdout

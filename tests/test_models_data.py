@@ -64,3 +64,79 @@ def test_digits_loaders_and_errors():
     assert sum(b[0].shape[0] for b in te) == 539
     with pytest.raises(ValueError, match="size"):
         data.digits(4)
+
+
+def test_init_from_teacher_same_width_copies_the_teacher():
+    torch.manual_seed(0)
+    t = models.create("lenet5", num_classes=10, in_channels=1, input_size=32).eval()
+    s = models.create("lenet5", num_classes=10, in_channels=1, input_size=32).eval()
+    x = torch.randn(4, 1, 32, 32)
+    assert not torch.equal(s(x), t(x))
+    assert models.init_from_teacher(s, t) == {"layers": 5, "kept": [6, 16, 120, 84, 10]}
+    assert torch.equal(s(x), t(x))
+
+
+def test_init_from_teacher_keeps_the_largest_channels():
+    torch.manual_seed(1)
+    t = models.create("lenet5", num_classes=10, in_channels=1, input_size=32)
+    s = models.create("lenet5_half", num_classes=10, in_channels=1, input_size=32)
+    assert models.init_from_teacher(s, t)["kept"] == [3, 8, 60, 42, 10]
+    tl = [m for m in t.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    sl = [m for m in s.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    keep = None
+    for a, b in zip(sl, tl):  # the specification, written out: top-k L1 rows of the input-restricted weight
+        w = b.weight if keep is None else b.weight[:, keep]
+        k = a.weight.shape[0]
+        idx = w.abs().flatten(1).sum(1).topk(k).indices.sort().values
+        assert torch.equal(a.weight, w[idx]) and torch.equal(a.bias, b.bias[idx])
+        keep = idx
+    assert sl[-1].weight.shape == (10, 42)
+
+
+def test_init_from_teacher_batchnorm_and_flattened_inputs():
+    torch.manual_seed(2)
+    t = models.create("cnn_bn", num_classes=10, in_channels=1, input_size=16).eval()
+    for m in t.modules():  # non-trivial statistics to copy
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+    s = models.SmallCNN(num_classes=10, in_channels=1, input_size=16, width=0.5, batch_norm=True).eval()
+    models.init_from_teacher(s, t)
+    tc = [m for m in t.modules() if isinstance(m, torch.nn.Conv2d)]
+    sc = [m for m in s.modules() if isinstance(m, torch.nn.Conv2d)]
+    tb = [m for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    sb = [m for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    idx = tc[0].weight.abs().flatten(1).sum(1).topk(sc[0].weight.shape[0]).indices.sort().values
+    assert torch.equal(sb[0].running_mean, tb[0].running_mean[idx])
+    assert torch.equal(sb[0].running_var, tb[0].running_var[idx])
+    assert torch.equal(sb[0].weight, tb[0].weight[idx])
+    # the first Linear reads the flattened blocks of the last convolution's kept channels
+    tlin = [m for m in t.modules() if isinstance(m, torch.nn.Linear)][0]
+    slin = [m for m in s.modules() if isinstance(m, torch.nn.Linear)][0]
+    assert len(tc) == 2
+    last = tc[1].weight[:, idx]
+    idx2 = last.abs().flatten(1).sum(1).topk(sc[-1].weight.shape[0]).indices.sort().values
+    r = tlin.in_features // tc[-1].weight.shape[0]
+    cols = (idx2[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+    w = tlin.weight[:, cols]
+    rows = w.abs().sum(1).topk(slin.out_features).indices.sort().values
+    assert torch.equal(slin.weight, w[rows])
+    assert torch.isfinite(s(torch.randn(3, 1, 16, 16))).all()
+
+
+def test_init_from_teacher_errors():
+    t = models.create("lenet5", num_classes=10, in_channels=1, input_size=32)
+    with pytest.raises(ValueError, match="not a plain chain"):
+        models.init_from_teacher(models.create("resnet18_half", num_classes=10, in_channels=1),
+                                 models.create("resnet18", num_classes=10, in_channels=1))
+    with pytest.raises(ValueError, match="more than the teacher"):
+        models.init_from_teacher(t, models.create("lenet5_half", num_classes=10, in_channels=1, input_size=32))
+    with pytest.raises(ValueError, match="numbers of classes"):
+        models.init_from_teacher(models.create("lenet5_half", num_classes=5, in_channels=1, input_size=32), t)
+    with pytest.raises(ValueError, match="input channels"):
+        models.init_from_teacher(models.create("lenet5_half", num_classes=10, in_channels=3, input_size=32), t)
+    with pytest.raises(ValueError, match="different layer sequences"):
+        models.init_from_teacher(models.create("mlp_half", num_classes=10, in_channels=1, input_size=32), t)
+    with pytest.raises(TypeError):
+        models.init_from_teacher("lenet5_half", t)

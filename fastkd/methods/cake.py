@@ -33,7 +33,7 @@ DEMO = dict(size=8, num_samples=12800, batch_size=100, steps=25, w_cls=1e3, w_co
 #: values and the measured accuracies and times.
 FMNIST_DEMO = dict(size=32, num_samples=20000, batch_size=100, steps=12, w_cls=1e3, w_contr=1e1, w_tv=1e5,
                    lr=(1.0, 1e-2), schedule="loglinear", student="lenet5_half", epochs=30, student_batch_size=128,
-                   student_lr=0.2, augment="shift", clamp=True)
+                   student_lr=0.05, augment="shift", clamp=True, student_init="teacher")
 
 #: Demo configurations by data set.
 DEMOS = {"digits": DEMO, "fmnist": FMNIST_DEMO}
@@ -79,6 +79,10 @@ class CAKEConfig:
         "help": "teacher-relabelled augmentation of every student batch (image inputs only): a '+'-joined list of "
                 "shift (up to 1 pixel), shift2 (up to 2), flip (horizontal), mixup (blend with another sample); "
                 "none: train on the synthetic samples as they are"})
+    student_init: str = field(default="scratch", metadata={
+        "help": "the student's starting weights: scratch (its own initialisation) or teacher (the teacher's "
+                "channels of largest weight norm, for a student of the teacher's family at a smaller width, e.g. "
+                "lenet5 -> lenet5_half; see fastkd.models.init_from_teacher)", "choices": ["scratch", "teacher"]})
     seed: int = field(default=0, metadata={"help": "batch b of the synthesis depends on (seed, b); seeds the student"})
 
     def validate(self) -> "CAKEConfig":
@@ -106,7 +110,8 @@ class CAKEConfig:
 
 
 #: The student-training fields of :class:`CAKEConfig` (not options of `fastkd synthesize`).
-_STUDENT_FIELDS = ("epochs", "student_batch_size", "student_lr", "temperature", "loss", "augment", "seed")
+_STUDENT_FIELDS = ("epochs", "student_batch_size", "student_lr", "temperature", "loss", "augment", "student_init",
+                   "seed")
 Config = CAKEConfig
 
 
@@ -241,8 +246,11 @@ def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fast
 
     def student():
         torch.manual_seed(seed)
-        return models.create(cfg["student"], num_classes=10, in_channels=1,
-                             **student_kwargs(cfg["student"], info["input_shape"])).to(dev)
+        m = models.create(cfg["student"], num_classes=10, in_channels=1,
+                          **student_kwargs(cfg["student"], info["input_shape"])).to(dev)
+        if cfg.get("student_init") == "teacher":
+            models.init_from_teacher(m, teacher)
+        return m
 
     t0 = time.perf_counter()
     s = student()
@@ -381,6 +389,14 @@ def run(teacher, student, *, config: CAKEConfig, input_shape, num_classes: int, 
     from fastkd import distill
     from fastkd.synthesis import cake
 
+    if config.student_init == "teacher":  # before any synthesis: a student it cannot start fails at once
+        from fastkd import models
+        from fastkd._run import UsageError
+
+        try:
+            models.init_from_teacher(student, teacher)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--student-init teacher (student_init='teacher'): {e}") from None
     syn_kw = config.synthesis_kwargs()
     if normalize and syn_kw["clamp"] is None:
         syn_kw["clamp"] = pixel_range(normalize["mean"], normalize["std"])
