@@ -280,6 +280,10 @@ _CHAIN_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, 
                  nn.Flatten, nn.Dropout, nn.Identity)
 
 
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
 def _chain_layers(model: nn.Module, who: str) -> list[nn.Module]:
     """The Conv2d / Linear / BatchNorm layers of a plain chain, in order; ValueError for
     anything else (a residual block, a custom container, grouped convolutions)."""
@@ -323,29 +327,32 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict:
         if isinstance(a, nn.Conv2d) and (a.kernel_size, a.stride, a.padding, a.dilation) != (
                 b.kernel_size, b.stride, b.padding, b.dilation):
             raise ValueError(f"init_from_teacher: convolution shapes differ: student {a} against teacher {b}")
-        wa = a.weight.shape[0] if not isinstance(a, nn.modules.batchnorm._BatchNorm) else a.num_features
-        wb = b.weight.shape[0] if not isinstance(b, nn.modules.batchnorm._BatchNorm) else b.num_features
+        wa = a.num_features if _is_bn(a) else a.weight.shape[0]
+        wb = b.num_features if _is_bn(b) else b.weight.shape[0]
         if wa > wb:
             raise ValueError(f"init_from_teacher: the student's {type(a).__name__} has {wa} outputs, more than the "
                              f"teacher's {wb}")
-    first, last = sl[0], [m for m in sl if not isinstance(m, nn.modules.batchnorm._BatchNorm)][-1]
-    if first.weight.shape[1] != tl[0].weight.shape[1]:
-        raise ValueError(f"init_from_teacher: the student takes {first.weight.shape[1]} input channels/features, "
-                         f"the teacher {tl[0].weight.shape[1]}")
-    if last.weight.shape[0] != [m for m in tl if not isinstance(m, nn.modules.batchnorm._BatchNorm)][-1].weight.shape[0]:
+    s_w = [m for m in sl if not _is_bn(m)]
+    t_w = [m for m in tl if not _is_bn(m)]
+    if s_w[0].weight.shape[1] != t_w[0].weight.shape[1]:
+        raise ValueError(f"init_from_teacher: the student takes {s_w[0].weight.shape[1]} input channels/features, "
+                         f"the teacher {t_w[0].weight.shape[1]}")
+    if s_w[-1].weight.shape[0] != t_w[-1].weight.shape[0]:
         raise ValueError("init_from_teacher: student and teacher have different numbers of classes")
+    # choose every selection first and copy at the end: an error leaves the student untouched
+    copies = []  # (student tensor, teacher values)
     keep_in = None  # indices of the previous layer's kept outputs (None: all)
     keep_prev_total = 0  # the previous layer's output count in the teacher
     kept = []
     for a, b in zip(sl, tl):
-        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+        if _is_bn(a):
             idx = keep_in if keep_in is not None else torch.arange(b.num_features)
             if a.num_features != len(idx):
                 raise ValueError("init_from_teacher: a BatchNorm does not follow the layer it normalises")
             for n in ("weight", "bias", "running_mean", "running_var"):
                 src, dst = getattr(b, n), getattr(a, n)
                 if src is not None and dst is not None:
-                    dst.copy_(src[idx.to(src.device)])
+                    copies.append((dst, src[idx.to(src.device)]))
             continue
         w = b.weight
         if keep_in is not None:
@@ -360,16 +367,14 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict:
             raise ValueError(f"init_from_teacher: after selecting inputs the teacher's {type(b).__name__} weight is "
                              f"{tuple(w.shape)}, the student's {tuple(a.weight.shape)}")
         k = a.weight.shape[0]
-        norms = w.abs().flatten(1).sum(1)
-        idx = torch.arange(w.shape[0]) if k == w.shape[0] else norms.topk(k).indices.sort().values.cpu()
-        a.weight.copy_(w[idx.to(w.device)])
+        idx = torch.arange(w.shape[0]) if k == w.shape[0] else w.abs().flatten(1).sum(1).topk(k).indices.sort().values.cpu()
+        copies.append((a.weight, w[idx.to(w.device)]))
         if a.bias is not None:
-            if b.bias is not None:
-                a.bias.copy_(b.bias[idx.to(b.bias.device)])
-            else:
-                a.bias.zero_()
+            copies.append((a.bias, b.bias[idx.to(b.bias.device)] if b.bias is not None else torch.zeros_like(a.bias)))
         keep_in, keep_prev_total = idx, w.shape[0]
         kept.append(k)
+    for dst, src in copies:
+        dst.copy_(src)
     return {"layers": len(sl), "kept": kept}
 
 

@@ -140,3 +140,13 @@ def test_init_from_teacher_errors():
         models.init_from_teacher(models.create("mlp_half", num_classes=10, in_channels=1, input_size=32), t)
     with pytest.raises(TypeError):
         models.init_from_teacher("lenet5_half", t)
+
+
+def test_init_from_teacher_error_leaves_the_student_untouched():
+    # the layers match until the classifier's input, whose flattened size does not divide: nothing is copied
+    t = models.SmallCNN(num_classes=10, in_channels=1, input_size=16, width=1.0)
+    s = models.SmallCNN(num_classes=10, in_channels=1, input_size=8, width=0.5)
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    with pytest.raises(ValueError):
+        models.init_from_teacher(s, t)
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items())
