@@ -17,7 +17,10 @@ after each of these step counts; adv: rounds of student-in-the-loop inputs (see
 _adversarial_rounds); eval_every: evaluate the student every k epochs and record the curve; keep_lr: [lo, hi],
 train the student only on the batches whose step size lies in that range, as the authors'
 TarDataset does); sinit: "teacher" starts the student from the teacher's channels
-(:func:`fastkd.models.init_from_teacher`); sseed: the student's seed (default: seed).
+(:func:`fastkd.models.init_from_teacher`); sseed: the student's seed (default: seed); prior
+"silhouette" (objects on a black background, :func:`fastkd.synthesis.silhouette_prior`, needs
+clamp) or "silhouette:G" (its field on a G x G grid); border: the teacher sees a black frame of
+this width during synthesis, and the stored samples have it.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/fmnist_ablation.py '{"clamp": true, "lr": [1, 0.01]}'
 """
@@ -37,6 +40,23 @@ BASE = dict(n=5000, bs=100, steps=50, lr=[1e-1, 1e-5], w_cls=1e3, w_contr=1e1, w
             langevin=False, epochs=30, augment="shift", slr=0.1, sbs=64, seed=0, schedule="loglinear",
             prior="normal", student="lenet5_half", tag="", teacher="fmnist", bn=0.0)
 OUT = "benchmarks/results/fmnist/ablation.jsonl"
+
+
+class _Framed(torch.nn.Module):
+    """The teacher behind a black frame: the outer ``width`` pixels are set to ``lo``."""
+
+    def __init__(self, t, width, lo):
+        super().__init__()
+        self.t, self.width, self.lo = t, width, lo
+
+    def frame(self, x):
+        m = torch.zeros_like(x, dtype=torch.bool)
+        w = self.width
+        m[..., w:-w, w:-w] = True
+        return torch.where(m, x, torch.full_like(x, self.lo))
+
+    def forward(self, x):
+        return self.t(self.frame(x))
 
 
 class _Jitter(torch.nn.Module):
@@ -149,8 +169,8 @@ def main() -> int:
         over = json.loads(a.config)
     except json.JSONDecodeError as e:
         p.error(f"config must be a JSON object, got {a.config!r} ({e.msg})")
-    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every", "keep_lr", "sinit", "sseed") for k in over):
-        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'keep_lr', 'loss', 'res', 'sinit', 'snaps', 'sseed', 'temp']}, "
+    if not isinstance(over, dict) or any(k not in BASE and k not in ("jit", "jflip", "loss", "temp", "adv", "istats", "snaps", "res", "eval_every", "keep_lr", "sinit", "sseed", "border") for k in over):
+        p.error(f"config must be a JSON object with keys from {sorted(BASE) + ['adv', 'eval_every', 'istats', 'jflip', 'jit', 'keep_lr', 'loss', 'res', 'sinit', 'snaps', 'sseed', 'temp', 'border']}, "
                 f"got {a.config!r}")
     cfg.update(over)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -177,6 +197,10 @@ def main() -> int:
         def prior(shape, gen, sd=sd, lo_px=lo_px, hi_px=hi_px):
             lvl = lo_px + (hi_px - lo_px) * torch.rand((shape[0],) + (1,) * (len(shape) - 1), generator=gen)
             return lvl + sd * torch.randn(shape, generator=gen)
+    elif prior.startswith("silhouette:"):  # the silhouette prior with another grid (default 4)
+        from fastkd.synthesis import silhouette_prior
+
+        prior = silhouette_prior(*info["pixel_range"], grid=int(prior.split(":")[1]))
     elif prior == "unif":  # uniform in the pixel range
         lo_px, hi_px = info["pixel_range"]
 
@@ -190,12 +214,17 @@ def main() -> int:
     res = cfg.get("res")  # optimise a (res x res) image that the teacher sees upsampled to 32x32
     if res:
         syn_t = _Upsampled(syn_t, 32)
+    border = cfg.get("border", 0)  # the teacher sees a black frame of this width during synthesis
+    if border:
+        syn_t = _Framed(syn_t, border, info["pixel_range"][0])
     t0 = time.time()
     ds = cake(syn_t, num_classes=10, input_shape=(1, res or 32, res or 32), num_samples=cfg["n"], batch_size=cfg["bs"],
               steps=cfg["steps"], w_cls=cfg["w_cls"], w_contr=cfg["w_contr"], w_tv=cfg["w_tv"], lr=tuple(cfg["lr"]),
               schedule=cfg["schedule"], langevin=cfg["langevin"], clamp=info["pixel_range"] if cfg["clamp"] else None,
               seed=cfg["seed"], progress=False, prior=prior,
               bn_prior_weight=cfg["bn"])
+    if border:  # what is stored is what the teacher saw
+        ds = type(ds)(syn_t.frame(ds.inputs), ds.probs, ds.labels, ds.meta)
     if res:
         ds = type(ds)(syn_t.up(ds.inputs), ds.probs, ds.labels, ds.meta)
     for k in cfg.get("snaps", []):  # the same batches after k < steps steps, as extra samples

@@ -185,6 +185,8 @@ def test_demo_fmnist_cli_tiny(tmp_path):
     s = json.loads((out / "summary_cake_fmnist.json").read_text())
     assert s["data"] == "fmnist" and s["config"]["student"] == "lenet5_half"
     assert s["config"]["student_init"] == "teacher"  # the fmnist demo starts the student from the teacher
+    assert s["config"]["prior"] == "silhouette"  # ... and the synthesis from objects on a black background
+    assert "baseline (the prior's draws, clamped)" in r.stdout  # the baseline starts where the synthesis does
     assert 0.0 <= s["student_accuracy"] <= 1.0 and s["teacher_accuracy"] > 0.9
     assert (out / "samples_cake_fmnist.png").stat().st_size > 1000
     assert "teacher (lenet5)" in r.stdout
@@ -228,6 +230,7 @@ def test_fmnist_study_and_ablation_scripts_run(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["method"] for x in rows] == ["cake", "noise", "kd-real"]
     assert all(0 <= x["accuracy"] <= 1 and x["budget"] == "smoke" for x in rows)
+    assert rows[0]["config"]["prior"] == rows[1]["config"]["prior"] == "silhouette"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: nothing to redo
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and "skip cake" in r.stderr
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fmnist_study.py"), "--report", "--out", str(out)],

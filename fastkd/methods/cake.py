@@ -33,7 +33,7 @@ DEMO = dict(size=8, num_samples=12800, batch_size=100, steps=25, w_cls=1e3, w_co
 #: values and the measured accuracies and times.
 FMNIST_DEMO = dict(size=32, num_samples=20000, batch_size=100, steps=12, w_cls=1e3, w_contr=1e1, w_tv=1e5,
                    lr=(1.0, 1e-2), schedule="loglinear", student="lenet5_half", epochs=30, student_batch_size=128,
-                   student_lr=0.05, augment="shift", clamp=True, student_init="teacher")
+                   student_lr=0.05, augment="shift", clamp=True, student_init="teacher", prior="silhouette")
 
 #: Demo configurations by data set.
 DEMOS = {"digits": DEMO, "fmnist": FMNIST_DEMO}
@@ -61,8 +61,10 @@ class CAKEConfig:
                                                       "metavar": ("START", "END")})
     schedule: str = field(default="loglinear", metadata={
         "help": "how log(step size) goes from START to END across batches", "choices": ["loglinear", "cosine"]})
-    prior: str = field(default="normal", metadata={"help": "initial inputs: N(0, I) or U(-1, 1)",
-                                                   "choices": ["normal", "uniform"]})
+    prior: str = field(default="normal", metadata={
+        "help": "initial inputs: N(0, I), U(-1, 1), or one smooth random object per image on a black background "
+                "(silhouette: needs the pixel range, from --clamp or --mean/--std)",
+        "choices": ["normal", "uniform", "silhouette"]})
     clamp: tuple | None = field(default=None, metadata={
         "help": "keep the inputs in [LO, HI] after every step: the normalised values of black and white for image "
                 "teachers (fastkd.data.fmnist_info()['pixel_range'] for the bundled Fashion-MNIST; --mean/--std set "
@@ -232,7 +234,7 @@ def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fast
     syn_kw = dict(num_classes=10, input_shape=info["input_shape"], num_samples=cfg["num_samples"],
                   batch_size=cfg["batch_size"], steps=cfg["steps"], w_cls=cfg["w_cls"], w_contr=cfg["w_contr"],
                   w_tv=cfg["w_tv"], lr=cfg["lr"], schedule=cfg["schedule"], seed=seed,
-                  clamp=info["pixel_range"] if cfg.get("clamp") else None)
+                  clamp=info["pixel_range"] if cfg.get("clamp") else None, prior=cfg.get("prior", "normal"))
     t0 = time.perf_counter()
     ds = cake(teacher, langevin=(method == "lake"), progress=progress, **syn_kw)
     timings["synthesis"] = time.perf_counter() - t0
@@ -271,7 +273,7 @@ def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fast
 
         t0 = time.perf_counter()
         ref = authors_loop(teacher, langevin=(method == "lake"), progress=progress,
-                           **{k: v for k, v in syn_kw.items() if k != "clamp"})  # their loop has no clamp
+                           **{k: v for k, v in syn_kw.items() if k not in ("clamp", "prior")})  # their loop: no clamp, N(0, I)
         timings["reference_synthesis"] = time.perf_counter() - t0
         sr = student()
         hr = distill.train_student(sr, ref, teacher=teacher, eval_data=test, seed=seed, progress=progress,
@@ -286,10 +288,11 @@ def run_demo(method: str = "cake", *, data: str = "digits", out_dir: str = "fast
         t0 = time.perf_counter()
         hb = noise_baseline(teacher, student(), num_samples=cfg["num_samples"], input_shape=info["input_shape"],
                             eval_data=test, seed=seed, progress=progress, eval_every=cfg["epochs"],
-                            clamp=syn_kw["clamp"], **train_kw)
+                            clamp=syn_kw["clamp"], prior=syn_kw["prior"], **train_kw)
         timings["baseline"] = time.perf_counter() - t0
-        rows.append(("baseline (N(0,I) inputs" + (", clamped)" if syn_kw["clamp"] else ")"), hb.final_accuracy,
-                     timings["baseline"], "no-skill reference"))
+        what = ("the prior's draws" if syn_kw["prior"] != "normal" else "N(0,I) inputs") + (
+            ", clamped" if syn_kw["clamp"] else "")
+        rows.append((f"baseline ({what})", hb.final_accuracy, timings["baseline"], "no-skill reference"))
         summary["baseline_accuracy"] = hb.final_accuracy
     timings["total"] = time.perf_counter() - t_all
     summary["seconds"] = timings
@@ -400,6 +403,12 @@ def run(teacher, student, *, config: CAKEConfig, input_shape, num_classes: int, 
     syn_kw = config.synthesis_kwargs()
     if normalize and syn_kw["clamp"] is None:
         syn_kw["clamp"] = pixel_range(normalize["mean"], normalize["std"])
+    if dataset is None and syn_kw["prior"] == "silhouette" and (syn_kw["clamp"] is None or len(input_shape) != 3):
+        from fastkd._run import UsageError
+
+        raise UsageError("--prior silhouette draws objects on a black background: it needs image inputs and the pixel "
+                         "range, from --clamp LO HI or --mean/--std" + (f" (input shape {tuple(input_shape)})"
+                                                                        if len(input_shape) != 3 else ""))
     if dataset is not None:
         ds = dataset
     else:

@@ -3,7 +3,8 @@
 (the reference of the benchmark and the accuracy study) is in
 :mod:`fastkd.synthesis.reference`."""
 from .dataset import SyntheticDataset
-from .cake_synthesis import DEFAULTS, ShardMismatchError, cake, class_prior_labels, lake, load_shards, step_sizes
+from .cake_synthesis import (DEFAULTS, ShardMismatchError, cake, class_prior_labels, lake, load_shards,
+                             silhouette_prior, step_sizes)
 
-__all__ = ["SyntheticDataset", "cake", "lake", "load_shards", "step_sizes", "class_prior_labels",
+__all__ = ["SyntheticDataset", "cake", "lake", "silhouette_prior", "load_shards", "step_sizes", "class_prior_labels",
            "ShardMismatchError", "DEFAULTS"]

@@ -42,13 +42,14 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import _dist, ops
 from .._progress import Progress
 from ..nn.cake import CAKELoss
 from .dataset import MANIFEST, SHARD_FORMAT, ShardMismatchError, SyntheticDataset, _shard_path, load_shards
 
-__all__ = ["cake", "lake", "step_sizes", "class_prior_labels", "load_shards", "ShardMismatchError",
+__all__ = ["cake", "lake", "silhouette_prior", "step_sizes", "class_prior_labels", "load_shards", "ShardMismatchError",
            "DEFAULTS"]
 
 _SHARD_RE = re.compile(r"^batch_(\d{6})\.pt$")
@@ -101,6 +102,46 @@ def class_prior_labels(batch_size: int, num_classes: int, generator: torch.Gener
 def _batch_seed(seed: int, b: int, salt: int = 0) -> int:
     h = hashlib.blake2b(f"{seed}:{b}:{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def silhouette_prior(lo: float, hi: float, *, grid: int = 4, margin: int | None = None) -> Callable:
+    """A prior of objects on a background: image inputs (N, C, H, W) that are ``lo`` (the
+    normalised value of black) except for one smooth random shape per sample, filled with a
+    level drawn from the upper 70 % of [lo, hi] plus pixel noise of (hi - lo) / 6.
+
+    The shape is where a (grid x grid) N(0, 1) field, upsampled bicubically to the image
+    inside a ``margin`` (default: 1/16 of the side, 2 pixels at 32), exceeds a threshold drawn
+    from U(-0.3, 0.3); it is shared across channels, the level is drawn per channel. Domain
+    knowledge only (photographed objects on an empty background, the pixel range), no data:
+    ``cake(..., prior="silhouette", clamp=(lo, hi))`` builds it from the clamp. Returns a
+    callable ``(shape, generator) -> tensor`` for :func:`cake`'s ``prior``.
+    """
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi):
+        raise ValueError(f"silhouette_prior: needs lo < hi (the pixel range), got ({lo!r}, {hi!r})")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"silhouette_prior: grid must be a positive int, got {grid!r}")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int) or margin < 0):
+        raise ValueError(f"silhouette_prior: margin must be None or an int >= 0, got {margin!r}")
+    lo, hi = float(lo), float(hi)
+
+    def draw(shape, gen):
+        if len(shape) != 4:
+            raise ValueError(f"silhouette prior: needs image inputs (N, C, H, W), got shape {tuple(shape)}")
+        n, c, h, w = shape
+        m = round(min(h, w) / 16) if margin is None else margin
+        ih, iw = h - 2 * m, w - 2 * m
+        if ih < 1 or iw < 1:
+            raise ValueError(f"silhouette prior: margin {m} leaves no image inside {h}x{w}")
+        z = F.interpolate(torch.randn((n, 1, grid, grid), generator=gen), size=(ih, iw), mode="bicubic",
+                          align_corners=False)
+        inside = z > (torch.rand((n, 1, 1, 1), generator=gen) * 0.6 - 0.3)
+        level = lo + (hi - lo) * (0.3 + 0.7 * torch.rand((n, c, 1, 1), generator=gen))
+        fill = level + (hi - lo) / 6 * torch.randn((n, c, ih, iw), generator=gen)
+        x = torch.where(inside, fill, torch.full_like(fill, lo))
+        return F.pad(x, (m, m, m, m), value=lo).clamp_(lo, hi)
+
+    draw.__qualname__ = f"silhouette(lo={lo:.4g}, hi={hi:.4g}, grid={grid}, margin={margin})"
+    return draw
 
 
 def _draw_prior(prior, shape, gen: torch.Generator) -> torch.Tensor:
@@ -193,9 +234,13 @@ def _validate(teacher, num_classes, input_shape, num_samples, batch_size, steps,
         raise ValueError(f"cake: lr must be a (start, end) pair of positive step sizes, got {lr!r}")
     if schedule not in ("loglinear", "cosine"):
         raise ValueError(f"cake: schedule must be 'loglinear' or 'cosine', got {schedule!r}")
-    if not (prior in ("normal", "uniform") or callable(prior)):
-        raise ValueError(f"cake: prior must be 'normal', 'uniform' or a callable (shape, generator) -> tensor, "
-                         f"got {prior!r}")
+    if not (prior in ("normal", "uniform", "silhouette") or callable(prior)):
+        raise ValueError(f"cake: prior must be 'normal', 'uniform', 'silhouette' or a callable (shape, generator) "
+                         f"-> tensor, got {prior!r}")
+    if prior == "silhouette" and (clamp is None or len(input_shape) != 3):
+        raise ValueError("cake: prior='silhouette' draws objects on the background value clamp[0] of image inputs: it "
+                         "needs clamp=(lo, hi), the pixel range (--clamp LO HI), and input_shape (C, H, W); got "
+                         f"clamp={clamp!r}, input_shape={tuple(input_shape)}")
     if group_size is not None:
         _pos_int("group_size", group_size, 2)
     if clamp is not None:
@@ -316,7 +361,9 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
         langevin: False: CAKE (plain gradient steps); True: LAKE (adds sqrt(2 lr) N(0, I)
             noise after every step, or ``noise_std`` if given).
         noise_std: LAKE's noise scale (default sqrt(2 * lr)); ignored for CAKE.
-        prior: initial inputs: "normal" (N(0, I)), "uniform" (U(-1, 1)) or a callable
+        prior: initial inputs: "normal" (N(0, I)), "uniform" (U(-1, 1)), "silhouette" (one
+            smooth random object per image on the background ``clamp[0]``,
+            :func:`silhouette_prior`; needs ``clamp``) or a callable
             ``(shape, generator) -> tensor``.
         bn_prior_weight: weight of the DeepInversion BatchNorm-statistics term (0: off).
             Needs a teacher with BatchNorm layers; CAKE itself does not.
@@ -347,6 +394,8 @@ def cake(teacher: nn.Module, *, num_classes: int, input_shape: Sequence[int], nu
     """
     _validate(teacher, num_classes, input_shape, num_samples, batch_size, steps, w_cls, w_contr, w_tv,
               lr, schedule, prior, bn_prior_weight, group_size, clamp)
+    if prior == "silhouette":
+        prior = silhouette_prior(*clamp)
     if max_abs is not None and (isinstance(max_abs, bool) or not isinstance(max_abs, (int, float))
                                 or not math.isfinite(max_abs) or max_abs <= 0):
         raise ValueError(f"cake: max_abs must be None or a finite number > 0, got {max_abs!r}")
