@@ -31,7 +31,7 @@ DEMO = dict(size=8, num_samples=12800, batch_size=100, steps=25, w_cls=1e3, w_co
 #: ``fastkd demo --data fmnist``: the CAKE paper's Fashion-MNIST row (LeNet-5 -> LeNet-5-Half,
 #: 32x32), aimed at a few minutes on a 2-core CPU. docs/cake.md has the ablation behind these
 #: values and the measured accuracies and times.
-FMNIST_DEMO = dict(size=32, num_samples=20000, batch_size=100, steps=12, w_cls=1e3, w_contr=1e1, w_tv=1e5,
+FMNIST_DEMO = dict(size=32, num_samples=20000, batch_size=100, steps=12, w_cls=1e3, w_contr=1.0, w_tv=1e5,
                    lr=(1.0, 1e-2), schedule="loglinear", student="lenet5_half", epochs=30, student_batch_size=128,
                    student_lr=0.05, augment="shift", clamp=True, student_init="teacher", prior="silhouette")
 
